@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv when missing and installs
+# everything on a fresh machine. torch is installed first, pinned, so that a CPU-only machine takes the
+# local CPU wheel and never pulls the multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all lint typecheck bundle-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) pipelines/demo.py --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check volcnn tests tools pipelines
+	$(VENV)/bin/ruff format --check volcnn tests tools pipelines
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy volcnn
+
+bundle-check: $(STAMP)
+	$(PY) tools/verify_bundle.py bundles/lung_nodule_ct_classification
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,29 @@
+"""MONAI bundle support: offline verification against a vendored, hash-pinned metadata schema."""
+
+from __future__ import annotations
+
+from volcnn.bundle.verify import (
+    SCHEMA_NAME,
+    SCHEMA_SHA256,
+    CheckResult,
+    MetadataValidationError,
+    SchemaIntegrityError,
+    check_export,
+    check_network_io,
+    load_schema,
+    validate_metadata,
+    verify_bundle,
+)
+
+__all__ = [
+    "SCHEMA_NAME",
+    "SCHEMA_SHA256",
+    "CheckResult",
+    "MetadataValidationError",
+    "SchemaIntegrityError",
+    "check_export",
+    "check_network_io",
+    "load_schema",
+    "validate_metadata",
+    "verify_bundle",
+]

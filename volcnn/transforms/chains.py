@@ -1,0 +1,89 @@
+"""The standard transform chains: deterministic preprocessing (cached) and random augmentation (after the cache).
+
+Deterministic: :class:`~volcnn.transforms.volume_cache.PreprocessVolumed` (load, RAS, ``pixdim``, HU window)
+then :class:`~volcnn.transforms.crop.CropOrFitd` (candidate patch around ``center`` or the whole volume) giving
+``(1, *(patch_size + 2 * margin))``. Random: affine, flips, 90-degree rotations, final crop to ``patch_size``,
+noise, intensity shift. Validation ends with the same centre crop and no randomness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandShiftIntensityd,
+)
+
+from volcnn.transforms.crop import CropOrFitd
+from volcnn.transforms.volume_cache import PreprocessVolumed
+
+__all__ = ["deterministic_transforms", "augmentation_transforms", "validation_transforms"]
+
+
+def deterministic_transforms(
+    pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+    hu_window: Sequence[float] = (-1000, 400),
+    patch_size: Sequence[int] = (48, 48, 48),
+    margin: int = 8,
+    cache_size: int = 2,
+    image_key: str = "image",
+) -> Compose:
+    """Everything before the first random transform; the output is what CacheDataset keeps.
+
+    Returns:
+        A Compose mapping ``{"image": path, "label": int, ["center": [x, y, z]]}`` to ``image``
+        ``(1, *(patch_size + 2 * margin))`` float32 in [0, 1] with an exact RAS affine, ``center`` ``(3,)``.
+    """
+    return Compose(
+        [
+            PreprocessVolumed(image_key, pixdim=pixdim, hu_window=hu_window, cache_size=cache_size),
+            CropOrFitd(image_key, patch_size=patch_size, margin=margin),
+        ]
+    )
+
+
+def augmentation_transforms(
+    patch_size: Sequence[int] = (48, 48, 48),
+    prob: float = 0.5,
+    rotate_deg: float = 15.0,
+    scale: float = 0.1,
+    translate_vox: float = 2.0,
+    noise_std: float = 0.02,
+    intensity_shift: float = 0.05,
+    image_key: str = "image",
+) -> Compose:
+    """The random chain applied after the cache: ``(1, *(patch + 2 margin))`` -> ``(1, *patch_size)``."""
+    k = image_key
+    rad = float(np.deg2rad(rotate_deg))
+    return Compose(
+        [
+            RandAffined(
+                k,
+                prob=prob,
+                rotate_range=(rad, rad, rad),
+                scale_range=(scale, scale, scale),
+                translate_range=(translate_vox, translate_vox, translate_vox),
+                mode="bilinear",
+                padding_mode="border",
+            ),
+            RandFlipd(k, prob=0.5, spatial_axis=0),
+            RandFlipd(k, prob=0.5, spatial_axis=1),
+            RandFlipd(k, prob=0.5, spatial_axis=2),
+            RandRotate90d(k, prob=prob, max_k=3, spatial_axes=(0, 1)),
+            CenterSpatialCropd(k, roi_size=tuple(int(s) for s in patch_size)),
+            RandGaussianNoised(k, prob=0.2, std=noise_std),
+            RandShiftIntensityd(k, offsets=intensity_shift, prob=0.3),
+        ]
+    )
+
+
+def validation_transforms(patch_size: Sequence[int] = (48, 48, 48), image_key: str = "image") -> Compose:
+    """The deterministic counterpart of :func:`augmentation_transforms`: the centre crop to ``patch_size``."""
+    return Compose([CenterSpatialCropd(image_key, roi_size=tuple(int(s) for s in patch_size))])

@@ -1,0 +1,102 @@
+"""``PreprocessVolumed``: load + RAS + resample + window one volume, reusing the result across samples.
+
+In candidate mode many samples (candidates) share one volume; without reuse every candidate would load and
+resample its whole CT again. A small LRU keyed by the image path keeps the last few preprocessed volumes
+(sort the datalist by image to make it effective). The cached tensors are never modified downstream: the crop
+and fit transforms return new tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Spacingd,
+)
+
+from volcnn.io.reader import VolcnnReader
+from volcnn.transforms.intensity import HUWindowd
+
+__all__ = ["volume_transforms", "PreprocessVolumed"]
+
+
+def volume_transforms(
+    keys: KeysCollection = "image", pixdim: Sequence[float] = (1.0, 1.0, 1.0), hu_window: Sequence[float] = (-1000, 400)
+) -> Compose:
+    """Load (validated reader) -> channel first -> RAS -> resample to ``pixdim`` in float32 -> HU window to [0, 1].
+
+    Output per key: a MetaTensor ``(1, X, Y, Z)`` in RAS order with its affine (voxel -> world RAS mm).
+    """
+    return Compose(
+        [
+            LoadImaged(keys, reader=VolcnnReader(), image_only=True),
+            EnsureChannelFirstd(keys, channel_dim="no_channel"),
+            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys, pixdim=tuple(float(p) for p in pixdim), mode="bilinear", dtype=np.float32),
+            HUWindowd(keys, hu_window),
+        ]
+    )
+
+
+class PreprocessVolumed(MapTransform):
+    """:func:`volume_transforms` with an LRU of the last ``cache_size`` volumes, keyed by the image path.
+
+    Args:
+        keys: the image key(s).
+        pixdim: target voxel size in mm.
+        hu_window: ``(lower, upper)`` HU mapped to [0, 1].
+        cache_size: volumes kept; 0 disables reuse.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+        hu_window: Sequence[float] = (-1000, 400),
+        cache_size: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.chain = volume_transforms(keys, pixdim, hu_window)
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[tuple, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = [k for k in self.key_iterator(d)]
+        cache_key = tuple(str(d[k]) for k in keys)
+        with self._lock:
+            hit = self._cache.get(cache_key)
+            if hit is not None:
+                self._cache.move_to_end(cache_key)
+        if hit is None:
+            out = self.chain({k: d[k] for k in keys})
+            hit = {k: out[k] for k in keys}
+            if self.cache_size > 0:
+                with self._lock:
+                    self._cache[cache_key] = hit
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+        d.update(hit)
+        return d
+
+    def __getstate__(self) -> dict:  # picklable for DataLoader workers: drop the lock and the cache
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
