@@ -29,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:  # MONAI's bundle scripts log every argument at INFO through their own handler
+        logging.getLogger("monai.bundle.scripts").setLevel(logging.WARNING)
     if not (args.bundle_dir / "configs").is_dir():
         parser.error(f"{args.bundle_dir} is not a bundle: no configs/ folder")
     try:

@@ -2,10 +2,22 @@
 
 Importing the package has no side effects; subpackages follow the stages of the pipeline:
 ``io`` (reading and writing volumes, datalists), ``transforms``, ``networks``, ``engines``,
-``inference``, ``data`` (synthetic cohort) and ``bundle`` (packaging and offline checks).
+``inference``, ``data`` (synthetic cohort) and ``bundle`` (packaging and offline checks). They are loaded on
+first attribute access, so a bundle config needs only ``"$import volcnn"`` to use ``volcnn.io.load_datalist``.
 """
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["__version__", "bundle", "data", "engines", "inference", "io", "networks", "transforms"]
+
+_SUBPACKAGES = {"bundle", "data", "engines", "inference", "io", "networks", "transforms"}
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"volcnn.{name}")
+    raise AttributeError(f"module 'volcnn' has no attribute {name!r}")

@@ -205,7 +205,7 @@ def test_export_of_checkpoint_writes_model_ts(tiny_bundle: Path, nested: bool) -
     net[1].running_mean.fill_(0.3)  # non-default buffers: a state not loaded would change the output
     (tiny_bundle / "models").mkdir()
     state = net.state_dict()
-    torch.save({"network": state, "epoch": 3} if nested else state, tiny_bundle / "models" / "model.pt")
+    torch.save({"model": state, "epoch": 3} if nested else state, tiny_bundle / "models" / "model.pt")
 
     check_export(tiny_bundle)
 

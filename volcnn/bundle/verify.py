@@ -361,6 +361,6 @@ def verify_bundle(
         run("export", check_export, root, net_id=net_id)
     else:
         results.append(CheckResult("export", "skip", "not requested"))
-    for result in results:
-        (logger.info if result.ok else logger.error)("%s", result)
+    for result in results:  # reported at INFO: the caller decides what a failure means
+        logger.info("%s", result)
     return results

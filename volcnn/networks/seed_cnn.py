@@ -61,8 +61,9 @@ class SeedCNN3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W)`` -> ``(B, K)``; the spatial size must equal the constructor's."""
-        if tuple(x.shape[2:]) != self.spatial_size:
-            raise ValueError(f"seed_cnn3d was built for patches {self.spatial_size}, got {tuple(x.shape[2:])}")
+        d, h, w = self.spatial_size
+        if x.shape[2] != d or x.shape[3] != h or x.shape[4] != w:
+            raise ValueError(f"seed_cnn3d was built for patches {self.spatial_size}, got {x.shape[2:]}")
         return self.classifier(self.features(x))
 
 

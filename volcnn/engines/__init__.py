@@ -1,0 +1,8 @@
+"""Trainer / evaluator pieces on MONAI + Ignite used by the bundles."""
+
+from __future__ import annotations
+
+from volcnn.engines.handlers import MetricsJSONWriter
+from volcnn.engines.options import as_bool
+
+__all__ = ["MetricsJSONWriter", "as_bool"]
