@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.transforms import LoadImaged
+
+from tests.conftest import make_affine
+from volcnn.io import VolcnnReader, VolumeError, load_volume
+
+
+def test_nifti_round_trip_values_and_affine(nifti_factory):
+    aff = make_affine((0.7, 0.7, 1.25), (-1, -1, 1), origin=(100.0, 80.0, -200.0))
+    arr = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8) - 1000
+    vol = load_volume(nifti_factory("a.nii.gz", arr, aff))
+    assert vol.array.dtype == np.float32 and vol.array.shape == (6, 7, 8)
+    np.testing.assert_array_equal(vol.array, arr)
+    np.testing.assert_allclose(vol.affine, aff)
+    np.testing.assert_allclose(vol.spacing, [0.7, 0.7, 1.25])
+
+
+def test_single_volume_4d_is_accepted(nifti_factory):
+    vol = load_volume(nifti_factory("b.nii.gz", np.zeros((4, 5, 6, 1), np.int16), make_affine()))
+    assert vol.array.shape == (4, 5, 6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((8, 8), "expected a 3D volume"), ((4, 4, 4, 2), "expected a 3D volume"), ((8, 8, 1), "single slice")],
+)
+def test_wrong_dimensionality_is_refused(tmp_path, shape, message):
+    path = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), str(path))
+    with pytest.raises(VolumeError, match=message) as err:
+        load_volume(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_gzip_is_refused(nifti_factory, tmp_path):
+    path = nifti_factory(
+        "t.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (20, 20, 20)).astype(np.int16), np.eye(4)
+    )
+    data = Path(path).read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VolumeError, match="cannot read NIfTI") as err:
+        load_volume(cut)
+    assert "cut.nii.gz" in str(err.value)
+
+
+def test_truncated_uncompressed_is_refused(nifti_factory, tmp_path):
+    path = nifti_factory("u.nii", np.ones((20, 20, 20), np.int16), np.eye(4))
+    data = Path(path).read_bytes()
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(VolumeError, match="cut.nii"):
+        load_volume(cut)
+
+
+def test_nan_voxels_are_refused(nifti_factory):
+    arr = np.zeros((5, 5, 5), np.float32)
+    arr[1, 2, 3] = np.nan
+    arr[0, 0, 0] = np.inf
+    with pytest.raises(VolumeError, match="2 NaN/Inf voxels"):
+        load_volume(nifti_factory("nan.nii.gz", arr, np.eye(4)))
+
+
+def test_degenerate_affine_is_refused(tmp_path):
+    path = tmp_path / "deg.nii.gz"
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), None)
+    img.header.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=1)
+    nib.save(img, str(path))
+    with pytest.raises(VolumeError, match="affine"):
+        load_volume(path)
+
+
+def test_missing_and_unknown_files(tmp_path):
+    with pytest.raises(VolumeError, match="does not exist"):
+        load_volume(tmp_path / "nope.nii.gz")
+    other = tmp_path / "x.png"
+    other.write_bytes(b"png")
+    with pytest.raises(VolumeError, match="not a NIfTI"):
+        load_volume(other)
+    with pytest.raises(VolumeError, match="no DICOM series"):
+        load_volume(tmp_path)
+
+
+def test_monai_reader_gives_same_volume(nifti_factory):
+    aff = make_affine((0.9, 0.9, 2.0), (-1, 1, 1))
+    arr = np.random.default_rng(1).integers(-1000, 500, (6, 7, 8)).astype(np.int16)
+    path = nifti_factory("m.nii.gz", arr, aff)
+    img = LoadImaged("image", reader=VolcnnReader(), image_only=True)({"image": path})["image"]
+    np.testing.assert_array_equal(img.numpy(), arr)
+    np.testing.assert_allclose(img.affine.numpy(), aff)
+
+
+def test_monai_reader_refuses_like_load_volume(tmp_path):
+    path = tmp_path / "flat.nii.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"not a nifti at all" * 30)
+    with pytest.raises(Exception, match="flat.nii.gz"):
+        LoadImaged("image", reader=VolcnnReader(), image_only=True)({"image": str(path)})

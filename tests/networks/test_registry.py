@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from volcnn.networks import create_network, list_networks
+
+
+def test_required_networks_registered():
+    assert {"seed_cnn3d", "densenet121", "resnet18"} <= set(list_networks())
+
+
+@pytest.mark.parametrize("name", list_networks())
+def test_forward_backward(name):
+    torch.manual_seed(0)
+    net = create_network(name, in_channels=1, num_classes=3, spatial_size=(32, 32, 32))
+    x = torch.randn(2, 1, 32, 32, 32, requires_grad=True)
+    y = net(x)
+    assert y.shape == (2, 3)
+    y.sum().backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_resnet_stem_has_stride_two():
+    net = create_network("resnet18", spatial_size=(32, 32, 32))
+    assert tuple(net.conv1.stride) == (2, 2, 2)
+
+
+def test_unknown_network_lists_known_names():
+    with pytest.raises(ValueError, match="seed_cnn3d"):
+        create_network("no_such_net")
+
+
+def test_seed_cnn_rejects_wrong_patch():
+    net = create_network("seed_cnn3d", spatial_size=(16, 16, 16))
+    with pytest.raises(ValueError, match="built for patches"):
+        net(torch.zeros(1, 1, 32, 32, 32))
