@@ -1,7 +1,9 @@
-"""MONAI bundle support: offline verification against a vendored, hash-pinned metadata schema."""
+"""MONAI bundle support: packaging a trained bundle, and offline verification against a vendored, hash-pinned
+metadata schema."""
 
 from __future__ import annotations
 
+from volcnn.bundle.package import configure_bundle, install_model
 from volcnn.bundle.verify import (
     SCHEMA_NAME,
     SCHEMA_SHA256,
@@ -16,6 +18,8 @@ from volcnn.bundle.verify import (
 )
 
 __all__ = [
+    "configure_bundle",
+    "install_model",
     "SCHEMA_NAME",
     "SCHEMA_SHA256",
     "CheckResult",
