@@ -1,0 +1,235 @@
+"""The batch runner: per-case heat map and findings on the input's own grid, summary, failures, the bundle path."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_affine
+from tests.inference import GEOMETRIES, NODULE_RAS, BlobNet, nodule_scan
+from volcnn.inference import InferenceRunner, case_name, infer_main, load_bundle_runner
+from volcnn.io import write_nifti
+from volcnn.networks import create_network
+from volcnn.transforms import voxel_to_world
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundles" / "lung_nodule_ct_classification"
+#: 1.5 x stride (4 mm) + 1 voxel (2 mm) at the settings used here
+TOL_MM = 6.0
+PATCH = (12, 12, 12)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_bad_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    aff = make_affine((1.5, 1.5, 2.0))
+    good = folder / "full.nii.gz"
+    write_nifti(good, nodule_scan((40, 40, 30), aff), aff)
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    flat = folder / "flat.nii.gz"
+    write_nifti(flat, np.zeros((30, 30), dtype=np.int16), aff)
+    good.unlink()
+    return {"truncated": truncated, "flat": flat, "missing": folder / "missing.nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """One runner pass over the four geometries, three bad inputs and a case-name clash."""
+    root = tmp_path_factory.mktemp("runner")
+    inputs: dict[str, Path] = {}
+    for name, (shape, aff) in GEOMETRIES.items():
+        inputs[name] = root / "in" / f"{name}.nii.gz"
+        write_nifti(inputs[name], nodule_scan(shape, aff), aff)
+    inputs.update(_write_bad_inputs(root / "bad"))
+    shape, aff = GEOMETRIES["ras"]
+    clash = root / "other" / "ras.nii"
+    write_nifti(clash, nodule_scan(shape, aff), aff)
+    order = ["ras", "truncated", "lps", "flat", "permuted", "missing", "oblique"]
+    runner = InferenceRunner(
+        BlobNet(PATCH),
+        patch_size=PATCH,
+        pixdim=(2.0, 2.0, 2.0),
+        stride_mm=4.0,
+        batch_size=512,
+        device="cpu",
+        model_info={"name": "blob", "version": "0", "sha256": "abc"},
+        progress=False,
+    )
+    out = root / "out"
+    result = runner.run([str(inputs[k]) for k in order] + [str(clash)], out)
+    return {"inputs": inputs, "out": out, "result": result}
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_heatmap_on_the_input_grid_peaks_at_the_nodule(batch, name):
+    src = nib.load(batch["inputs"][name])
+    heat_img = nib.load(batch["out"] / name / "heatmap.nii.gz")
+    assert heat_img.shape == src.shape
+    np.testing.assert_array_equal(heat_img.affine, src.affine)
+    assert heat_img.get_data_dtype() == np.float32
+    heat = np.asarray(heat_img.dataobj)
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    assert np.linalg.norm(voxel_to_world(src.affine, peak) - NODULE_RAS) <= TOL_MM
+    assert heat.max() > 0.9
+    assert np.mean(heat > 0.5) < 0.01  # the response is local
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_findings_report_the_nodule_in_world_and_input_voxels(batch, name):
+    src = nib.load(batch["inputs"][name])
+    doc = json.loads((batch["out"] / name / "findings.json").read_text())
+    assert set(doc) == {
+        "case",
+        "score",
+        "score_method",
+        "findings",
+        "model",
+        "input_sha256",
+        "stride_mm",
+        "threshold",
+    }
+    assert doc["case"] == name and doc["score_method"] == "max"
+    assert doc["model"] == {"name": "blob", "version": "0", "sha256": "abc"}
+    assert doc["input_sha256"] == _sha256(batch["inputs"][name])
+    assert doc["stride_mm"] == 4.0 and doc["threshold"] == 0.5
+    (finding,) = doc["findings"]
+    assert set(finding) == {"center_ras_mm", "center_voxel", "probability"}
+    assert np.linalg.norm(np.asarray(finding["center_ras_mm"]) - NODULE_RAS) <= TOL_MM
+    back = voxel_to_world(src.affine, finding["center_voxel"])
+    half_diagonal = 0.5 * np.linalg.norm(np.sqrt((src.affine[:3, :3] ** 2).sum(axis=0)))
+    assert np.linalg.norm(back - finding["center_ras_mm"]) <= half_diagonal + 1e-6
+    assert doc["score"] == pytest.approx(finding["probability"], abs=1e-4)
+    assert finding["probability"] > 0.9
+
+
+def test_batch_goes_on_past_bad_inputs(batch):
+    out, result = batch["out"], batch["result"]
+    failures = json.loads((out / "failures.json").read_text())
+    assert failures == result["failures"]
+    assert [Path(f["input"]).name for f in failures] == ["truncated.nii.gz", "flat.nii.gz", "missing.nii.gz"]
+    for f in failures:
+        assert f["input"] in f["error"]  # the message names the file
+    assert "3D" in failures[1]["error"] and "does not exist" in failures[2]["error"]
+    for bad in ("truncated", "flat", "missing"):
+        assert not (out / bad / "heatmap.nii.gz").exists() and not (out / bad / "findings.json").exists()
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["ras", "truncated", "lps", "flat", "permuted", "missing", "oblique", "ras-2"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok", "failed", "ok", "failed", "ok", "ok"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["n_findings"] == "1" and float(r["score"]) > 0.9 for r in ok)
+    assert [p["case"] for p in result["processed"]] == ["ras", "lps", "permuted", "oblique", "ras-2"]
+    assert (out / "ras-2" / "heatmap.nii.gz").exists()  # same name from another folder: not overwritten
+
+
+def test_case_names():
+    assert case_name("/data/a/ct_001.nii.gz") == "ct_001"
+    assert case_name("scan.v2.nii") == "scan.v2"
+    assert case_name("/data/dicom/series 7/") == "series_7"
+    assert case_name("..") not in ("", ".", "..")
+
+
+# ---- the bundle path: configs/inference.json, models/model.pt, infer_main ----
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """A copy of the real bundle's configs with a small seed_cnn3d state dict as models/model.pt."""
+    root = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", root / "configs")
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    net = create_network("seed_cnn3d", num_classes=2, spatial_size=(8, 8, 8))
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+#: overrides making the bundle cheap: a small network and a coarse grid
+SMALL = {
+    "network_def": "seed_cnn3d",
+    "patch_size": [8, 8, 8],
+    "pixdim": [2.0, 2.0, 2.0],
+    "stride_mm": 8.0,
+    "device": "cpu",
+    "progress": False,
+}
+
+
+def test_infer_main_exit_codes_and_outputs(bundle, tmp_path):
+    shape, aff = GEOMETRIES["lps"]
+    good = tmp_path / "good.nii.gz"
+    write_nifti(good, nodule_scan(shape, aff), aff)
+    bad = _write_bad_inputs(tmp_path / "bad")["truncated"]
+
+    out = tmp_path / "out"
+    assert infer_main(bundle, out, [str(good), str(bad)], **SMALL) == 1
+    doc = json.loads((out / "good" / "findings.json").read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert doc["model"] == {
+        "name": meta["name"],
+        "version": meta["version"],
+        "sha256": _sha256(bundle / "models" / "model.pt"),
+    }
+    assert nib.load(out / "good" / "heatmap.nii.gz").shape == shape
+    assert [f["input"] for f in json.loads((out / "failures.json").read_text())] == [str(bad)]
+
+    assert infer_main(bundle, tmp_path / "out2", [str(good)], **SMALL) == 0
+    assert json.loads((tmp_path / "out2" / "failures.json").read_text()) == []
+
+
+def test_infer_main_bad_usage(bundle, tmp_path, caplog):
+    shape, aff = GEOMETRIES["ras"]
+    good = tmp_path / "good.nii.gz"
+    write_nifti(good, nodule_scan(shape, aff), aff)
+    caplog.set_level(logging.ERROR)
+    assert infer_main(bundle, tmp_path / "o", [], **SMALL) == 2
+    assert "no inputs" in caplog.text
+    assert infer_main(tmp_path / "nowhere", tmp_path / "o", [str(good)], **SMALL) == 2
+    assert "bundle folder not found" in caplog.text
+    (bundle / "models" / "model.pt").unlink()
+    caplog.clear()
+    assert infer_main(bundle, tmp_path / "o", [str(good)], **SMALL) == 2
+    assert str(bundle / "models" / "model.pt") in caplog.text and "not found" in caplog.text
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_bundle_runner(bundle, **SMALL)
+
+
+def test_monai_bundle_run_over_the_datalist_test_section(bundle, tmp_path):
+    """``python -m monai.bundle run --config_file configs/inference.json --bundle_root B --dataset_dir D``."""
+    from monai.bundle import run
+
+    data = tmp_path / "data"
+    shape, aff = GEOMETRIES["ras"]
+    write_nifti(data / "vols" / "a.nii.gz", nodule_scan(shape, aff), aff)
+    datalist = {
+        "training": [{"image": "vols/a.nii.gz", "label": 1}],
+        "test": [{"image": "vols/a.nii.gz", "label": 1, "center": list(NODULE_RAS)}, {"image": "vols/a.nii.gz"}],
+    }
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    out = tmp_path / "eval"
+    run(
+        config_file=str(bundle / "configs" / "inference.json"),
+        bundle_root=str(bundle),
+        dataset_dir=str(data),
+        output_dir=str(out),
+        **SMALL,
+    )
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["status"]) for r in rows] == [("a", "ok")]  # each image once
+    assert json.loads((out / "a" / "findings.json").read_text())["model"]["name"] == "Lung nodule CT classification"

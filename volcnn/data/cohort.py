@@ -1,0 +1,393 @@
+"""The synthetic cohort: cases (phantom + nodules + scanner), LUNA16 CSVs, datalists and a summary.
+
+Each case is built in a canonical RAS grid, blurred (partial volume) and given scanner noise, then
+stored in one of several orientations (axis flips and permutations) with the matching affine, so that
+every reported RAS centre is exactly where the nodule is in the written volume. Everything depends
+only on ``seed``: the same seed gives the same bytes in every file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+from volcnn.data.dicom_series import nifti_gz_bytes, write_bytes_atomic, write_dicom_series
+from volcnn.data.nodules import Nodule, place_nodules, sample_candidates, sample_nodule
+from volcnn.data.phantom import SIZES, CaseGeometry, SizeSpec, build_phantom, chunk_slices
+
+__all__ = [
+    "ORIENTATIONS",
+    "SPLITS",
+    "SyntheticCase",
+    "acquire",
+    "sample_geometry",
+    "synthesize_case",
+    "synthesize_cohort",
+]
+
+logger = logging.getLogger(__name__)
+
+ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "LPI", "PRS", "SLP", "IRA")
+SPLITS = ("training", "validation", "test")
+_NODULE_COUNT_P = (0.2, 0.36, 0.24, 0.12, 0.08)  # 0..4 nodules per case
+_MALIGNANT_P = 0.4
+
+
+@dataclass
+class SyntheticCase:
+    """One generated case.
+
+    Attributes:
+        case_id: ``"case_000"``; patient: ``"p000"``.
+        geometry: canonical grid and storage orientation.
+        image: int16 HU array ``(I, J, K)`` in storage order.
+        affine: ``(4, 4)`` voxel-to-RAS affine of ``image``.
+        nodules: the rendered nodules.
+        candidates: ``[(center_ras, label, kind)]`` (see :func:`~volcnn.data.nodules.sample_candidates`).
+    """
+
+    case_id: str
+    patient: str
+    geometry: CaseGeometry
+    image: np.ndarray
+    affine: np.ndarray
+    nodules: list[Nodule]
+    candidates: list[tuple[tuple[float, float, float], int, str]]
+
+
+def sample_geometry(rng: np.random.Generator, spec: SizeSpec, orientation: str = "RAS") -> CaseGeometry:
+    """Draw matrix, spacing (multiples of 1/256 mm) and a scanner-like origin (multiples of 1/64 mm)."""
+    n = int(rng.choice(spec.matrix))
+    sxy = int(rng.integers(math.ceil(spec.inplane_mm[0] * 256), math.floor(spec.inplane_mm[1] * 256) + 1)) / 256
+    sz = int(rng.integers(math.ceil(spec.slice_mm[0] * 256), math.floor(spec.slice_mm[1] * 256) + 1)) / 256
+    fov = n * sxy
+    nz = int(np.clip(round(fov * rng.uniform(*spec.z_over_fov) / sz), *spec.slices))
+    raw = (-fov / 2 + rng.uniform(-15, 15), -fov / 2 + rng.uniform(-25, 10), rng.uniform(-380, -150) - nz * sz / 2)
+    ox, oy, oz = (round(o * 64) / 64 for o in raw)
+    codes = (orientation[0], orientation[1], orientation[2])
+    return CaseGeometry((n, n, nz), (sxy, sxy, sz), (ox, oy, oz), codes)
+
+
+def _conv_axis(a: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
+    """Convolve ``a`` along ``axis`` with the odd symmetric kernel ``w`` (edge padding)."""
+    r = len(w) // 2
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (r, r)
+    p = np.moveaxis(np.pad(a, pad, mode="edge"), axis, 0)
+    n = a.shape[axis]
+    out = w[0] * p[0:n]
+    for k in range(1, len(w)):
+        out += w[k] * p[k : k + n]
+    return np.moveaxis(out, 0, axis)
+
+
+def acquire(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scanner model: partial-volume blur, noise, clipping and rounding (modifies ``volume`` in place).
+
+    Gaussian blur with sigma 0.5-0.8 voxel along each axis, Gaussian noise with sigma 10-30 HU and a
+    random in-plane correlation, clipping to [-1024, 3071], rounding.
+
+    Args:
+        volume: float32 HU ``(Z, Y, X)``.
+        rng: random generator.
+
+    Returns:
+        int16 ``(Z, Y, X)``.
+    """
+    sigma = rng.uniform(0.5, 0.8)
+    w = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2).astype(np.float32)
+    w /= w.sum()
+    nz, ny, nx = volume.shape
+    for sl in chunk_slices(nz, ny * nx):
+        c = volume[sl]
+        c[...] = _conv_axis(_conv_axis(c, w, 1), w, 2)
+    rows = max(1, 4_000_000 // (nz * nx))
+    for y0 in range(0, ny, rows):
+        c = volume[:, y0 : y0 + rows]
+        c[...] = _conv_axis(c, w, 0)
+    noise_hu, rho = rng.uniform(10.0, 30.0), rng.uniform(0.0, 0.4)
+    out = np.empty(volume.shape, dtype=np.int16)
+    for sl in chunk_slices(nz, ny * nx):
+        c = volume[sl]
+        wn = rng.standard_normal(c.shape, dtype=np.float32)
+        if rho > 0:
+            wn = wn + rho * (np.roll(wn, 1, axis=1) + np.roll(wn, 1, axis=2))
+        c += wn * np.float32(noise_hu / math.sqrt(1 + 2 * rho * rho))
+        np.clip(c, -1024, 3071, out=c)
+        out[sl] = np.rint(c)
+    return out
+
+
+def synthesize_case(
+    case_id: str, patient: str, spec: SizeSpec, rng: np.random.Generator, orientation: str = "RAS"
+) -> SyntheticCase:
+    """Generate one case in memory: geometry, anatomy, nodules, candidates, scanner model, orientation."""
+    geom = sample_geometry(rng, spec, orientation)
+    ph = build_phantom(geom, rng, spec)
+    n_nod = int(rng.choice(len(_NODULE_COUNT_P), p=_NODULE_COUNT_P))
+    drawn = [sample_nodule(rng, bool(rng.random() < _MALIGNANT_P), spec.nodule_mm) for _ in range(n_nod)]
+    nodules = place_nodules(ph, rng, drawn)
+    candidates = sample_candidates(ph, rng, nodules, int(rng.integers(spec.negatives[0], spec.negatives[1] + 1)))
+    canonical = acquire(ph.volume, rng).T  # (X, Y, Z) RAS, Fortran order
+    ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(orientation)))
+    image = apply_orientation(canonical, ornt)
+    affine = geom.affine @ inv_ornt_aff(ornt, canonical.shape)
+    return SyntheticCase(case_id, patient, geom, image, affine, nodules, candidates)
+
+
+def _split(strata: list[int], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """Split cases (one patient each) into training/validation/test, balanced over ``strata``."""
+    n = len(strata)
+    quota = {"validation": round(n * val_fraction), "test": round(n * test_fraction)}
+    for name, frac in (("validation", val_fraction), ("test", test_fraction)):
+        if n >= 3 and frac > 0:
+            quota[name] = max(1, quota[name])
+    while quota["validation"] + quota["test"] > n - 1 and quota["validation"] + quota["test"] > 0:
+        quota["test" if quota["test"] >= quota["validation"] else "validation"] -= 1
+    quota["training"] = n - quota["validation"] - quota["test"]
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    counts = dict.fromkeys(SPLITS, 0)
+    out = [""] * n
+    for stratum in sorted(set(strata), reverse=True):  # rarest (malignant) first
+        members = [int(i) for i in perm if strata[i] == stratum]
+        target = {s: quota[s] / n * len(members) for s in SPLITS}
+        if len(members) >= 3:
+            target = {s: max(t, 1.0) if quota[s] else t for s, t in target.items()}
+        got = dict.fromkeys(SPLITS, 0)
+        for i in members:  # greedy: the split furthest below its target that still has room
+            free = [s for s in ("test", "validation", "training") if counts[s] < quota[s]]
+            name = max(free, key=lambda s: target[s] - got[s])
+            out[i] = name
+            got[name] += 1
+            counts[name] += 1
+    return out
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _f(v: float) -> str:
+    return f"{v + 0.0:.3f}"  # + 0.0 turns -0.0 into 0.0
+
+
+def _json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _check_args(cases: int, seed: int, size: str, val_fraction: float, test_fraction: float) -> None:
+    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+        raise ValueError(f"cases must be an integer >= 1, got {cases!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+
+
+def synthesize_cohort(
+    out_dir: str | Path,
+    cases: int,
+    seed: int,
+    size: str = "small",
+    dicom: bool = False,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Generate a synthetic chest-CT cohort with nodules, LUNA16 CSVs and MONAI datalists.
+
+    Writes, under ``out_dir``: ``images/case_XXX.nii.gz`` (int16 HU, sform/qform code 1),
+    ``annotations.csv`` and ``candidates.csv`` (LUNA16 format, LPS mm), ``nodules.csv`` (RAS mm),
+    ``datalist.json`` (candidates: nodule vs non-nodule), ``datalist_malignancy.json`` (nodules: benign vs
+    malignant), ``datalist_volume.json`` (whole volumes: any nodule), ``cohort.json`` (the summary) and,
+    with ``dicom``, ``dicom/case_XXX/IM0001.dcm...`` and ``datalist_dicom.json``. Splits are by patient.
+
+    Args:
+        out_dir: output folder (created).
+        cases: number of cases (one patient each), >= 1.
+        seed: random seed, >= 0; the same seed gives byte-identical files.
+        size: ``"tiny"`` (tests), ``"small"`` (demo) or ``"full"`` (512x512, benchmarks); see :data:`SIZES`.
+        dicom: also write every case as a DICOM series.
+        val_fraction: fraction of patients in validation, in [0, 1).
+        test_fraction: fraction of patients in test, in [0, 1); the two sum to < 1.
+        progress: show a tqdm bar over cases.
+
+    Returns:
+        The summary (JSON-able): ``out_dir``, ``cases``, ``seed``, ``size``, per-split counts of cases,
+        nodules (benign / malignant) and candidates, and the written files (relative to ``out_dir``).
+        ``cohort.json`` holds the same with ``out_dir`` set to ``"."`` so that it does not depend on the path.
+
+    Raises:
+        ValueError: bad ``cases``, ``seed``, ``size`` or fractions.
+    """
+    _check_args(cases, seed, size, val_fraction, test_fraction)
+    spec = SIZES[size]
+    out = Path(out_dir)
+    width = max(3, len(str(cases - 1)))
+    ids = [(f"case_{i:0{width}d}", f"p{i:0{width}d}") for i in range(cases)]
+    orients = [ORIENTATIONS[k] for k in np.random.default_rng([seed, 0x0A1E]).permutation(len(ORIENTATIONS))]
+    iterator: Any = range(cases)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"synth {size}", unit="case")
+    records: list[_Record] = []
+    for i in iterator:
+        case_id, patient = ids[i]
+        case = synthesize_case(case_id, patient, spec, np.random.default_rng([seed, i]), orients[i % len(orients)])
+        write_bytes_atomic(out / "images" / f"{case_id}.nii.gz", nifti_gz_bytes(case.image, case.affine))
+        if dicom:
+            entropy = ["volcnn-synthetic", str(seed), size, case_id]
+            write_dicom_series(
+                case.image, case.affine, out / "dicom" / case_id, uid_entropy=entropy, patient_id=f"SYNTH-{patient}"
+            )
+        spacing = [float(v) for v in np.linalg.norm(case.affine[:3, :3], axis=0)]
+        orient = "".join(case.geometry.orientation)
+        records.append(
+            _Record(case_id, patient, case.nodules, case.candidates, orient, list(case.image.shape), spacing)
+        )
+        logger.info("%s: %s %s, %d nodules", case_id, orient, case.image.shape, len(case.nodules))
+        del case
+    strata = [2 if any(n.malignant for n in r.nodules) else int(bool(r.nodules)) for r in records]
+    for rec, split in zip(records, _split(strata, seed, val_fraction, test_fraction), strict=True):
+        rec.split = split
+    summary: dict[str, Any] = {
+        "name": "volcnn-synthetic",
+        "out_dir": ".",
+        "cases": cases,
+        "seed": seed,
+        "size": size,
+        "dicom": dicom,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "splits": {s: _counts([r for r in records if r.split == s]) for s in SPLITS},
+        "files": _write_tables(out, records, f"volcnn synthetic chest CT (seed {seed}, size {size})", dicom),
+        "case_list": [
+            {"case": r.case_id, "patient": r.patient, "split": r.split, "orientation": r.orientation}
+            | {"shape": r.shape, "spacing": r.spacing, "nodules": len(r.nodules)}
+            for r in records
+        ],
+    }
+    summary["files"]["cohort"] = "cohort.json"
+    write_bytes_atomic(out / "cohort.json", _json(summary))
+    logger.info("synthetic cohort: %d cases in %s", cases, out)
+    return {**summary, "out_dir": str(out.resolve())}
+
+
+@dataclass
+class _Record:
+    """What the tables need of one written case."""
+
+    case_id: str
+    patient: str
+    nodules: list[Nodule]
+    candidates: list[tuple[tuple[float, float, float], int, str]]
+    orientation: str
+    shape: list[int]
+    spacing: list[float]
+    split: str = ""
+
+    @property
+    def image(self) -> str:
+        return f"images/{self.case_id}.nii.gz"
+
+    def entry(self, label: int, center: tuple[float, float, float] | None = None) -> dict[str, Any]:
+        """A datalist entry (volume mode without ``center``)."""
+        out: dict[str, Any] = {"image": self.image, "label": label}
+        if center is not None:
+            out["center"] = list(center)
+        return out | {"patient": self.patient, "case": self.case_id}
+
+
+def _counts(records: list[_Record]) -> dict[str, Any]:
+    """Per-split counts of cases, nodules and candidates."""
+    nods = [n for r in records for n in r.nodules]
+    labels = [c[1] for r in records for c in r.candidates]
+    return {
+        "cases": len(records),
+        "cases_with_nodules": sum(bool(r.nodules) for r in records),
+        "nodules": {"benign": sum(not n.malignant for n in nods), "malignant": sum(n.malignant for n in nods)},
+        "candidates": {"positive": sum(labels), "negative": len(labels) - sum(labels)},
+    }
+
+
+def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool) -> dict[str, Any]:
+    """Write the CSVs and the datalists; return the written paths relative to ``out``."""
+    ann = [
+        [r.case_id, _f(-n.center[0]), _f(-n.center[1]), _f(n.center[2]), _f(n.diameter_mm)]
+        for r in records
+        for n in r.nodules
+    ]
+    cand = [[r.case_id, _f(-c[0][0]), _f(-c[0][1]), _f(c[0][2]), c[1]] for r in records for c in r.candidates]
+    nods = [
+        [
+            r.case_id,
+            r.patient,
+            r.split,
+            *(_f(v) for v in n.center),
+            _f(n.diameter_mm),
+            n.texture,
+            int(n.malignant),
+            int(n.calcified),
+        ]
+        for r in records
+        for n in r.nodules
+    ]
+    write_bytes_atomic(out / "annotations.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann))
+    write_bytes_atomic(out / "candidates.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "class"], cand))
+    header = ["case", "patient", "split", "x_ras", "y_ras", "z_ras", "diameter_mm", "texture", "malignant", "calcified"]
+    write_bytes_atomic(out / "nodules.csv", _csv(header, nods))
+    files: dict[str, Any] = {"images": [r.image for r in records]}
+    files |= {"annotations": "annotations.csv", "candidates": "candidates.csv", "nodules": "nodules.csv"}
+    nodule_labels = {"0": "non-nodule", "1": "nodule"}
+
+    def candidates(r: _Record) -> list[dict[str, Any]]:
+        return [r.entry(label, center) for center, label, _ in r.candidates]
+
+    def dicom_candidates(r: _Record) -> list[dict[str, Any]]:
+        return [e | {"image": f"dicom/{r.case_id}"} for e in candidates(r)]
+
+    specs = [
+        ("datalist", nodule_labels, "candidates: nodule vs non-nodule", candidates),
+        (
+            "datalist_malignancy",
+            {"0": "benign", "1": "malignant"},
+            "nodules: benign vs malignant",
+            lambda r: [r.entry(int(n.malignant), n.center) for n in r.nodules],
+        ),
+        (
+            "datalist_volume",
+            {"0": "no nodule", "1": "nodule"},
+            "volumes: any nodule",
+            lambda r: [r.entry(int(bool(r.nodules)))],
+        ),
+    ]
+    if dicom:
+        specs.append(("datalist_dicom", nodule_labels, "candidates on the DICOM series", dicom_candidates))
+        files["dicom"] = [f"dicom/{r.case_id}" for r in records]
+    for name, labels, what, make in specs:
+        body: dict[str, Any] = {"name": "volcnn-synthetic", "description": f"{desc}; {what}; centers in RAS mm"}
+        body["labels"] = labels
+        for split in SPLITS:
+            body[split] = [e for r in records if r.split == split for e in make(r)]
+        write_bytes_atomic(out / f"{name}.json", _json(body))
+        files[name] = f"{name}.json"
+    return files

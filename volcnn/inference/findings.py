@@ -1,0 +1,184 @@
+"""Findings (peaks of a heat map, in world mm) and a volume-level score.
+
+A finding is a local maximum of the probability heat map (3x3x3 neighbourhood) at or above a threshold.
+Candidates are ordered by probability and thinned by greedy non-maximum suppression on their distance in mm.
+The heat grid is coarse (typically 4 mm), so each peak is refined between grid points by a parabola through its
+neighbours along each axis; a saturated top (neighbouring grid points of exactly equal probability) is reported
+once, at its centroid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from volcnn.transforms.geometry import as_affine, voxel_to_world
+
+__all__ = ["SCORE_METHODS", "find_peaks", "local_maxima", "volume_score"]
+
+SCORE_METHODS = ("max", "topk_mean", "noisy_or")
+
+
+def _as_grid(heat: np.ndarray | torch.Tensor) -> torch.Tensor:
+    h = torch.as_tensor(np.asarray(heat, dtype=np.float32))
+    if h.ndim != 3:
+        raise ValueError(f"expected a 3D heat map (nx, ny, nz), got shape {tuple(h.shape)}")
+    return h
+
+
+def local_maxima(heat: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Boolean ``(nx, ny, nz)``: True where a value is the maximum of its 3x3x3 neighbourhood (ties included)."""
+    h = _as_grid(heat)[None, None]
+    pooled = F.max_pool3d(h, kernel_size=3, stride=1, padding=1)
+    return (h >= pooled)[0, 0].numpy()
+
+
+def _subgrid_offsets(h: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Per-axis parabolic peak offsets in ``[-0.5, 0.5]`` grid cells for the points ``idx`` ``(N, 3)``."""
+    off = np.zeros(idx.shape, dtype=np.float64)
+    for a in range(3):
+        n = h.shape[a]
+        inside = (idx[:, a] > 0) & (idx[:, a] < n - 1)
+        if not inside.any():
+            continue
+        p = idx[inside]
+        lo, hi = p.copy(), p.copy()
+        lo[:, a] -= 1
+        hi[:, a] += 1
+        f0 = h[p[:, 0], p[:, 1], p[:, 2]].astype(np.float64)
+        fm = h[lo[:, 0], lo[:, 1], lo[:, 2]].astype(np.float64)
+        fp = h[hi[:, 0], hi[:, 1], hi[:, 2]].astype(np.float64)
+        curv = fm - 2.0 * f0 + fp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(curv < 0, 0.5 * (fm - fp) / curv, 0.0)
+        off[inside, a] = np.clip(d, -0.5, 0.5)
+    return off
+
+
+def find_peaks(
+    heat: np.ndarray | torch.Tensor,
+    heat_affine: np.ndarray,
+    threshold: float = 0.5,
+    min_distance_mm: float = 10.0,
+    max_findings: int = 20,
+    subgrid: bool = True,
+) -> list[dict[str, Any]]:
+    """Local maxima of ``heat`` at or above ``threshold``, most probable first, at least ``min_distance_mm`` apart.
+
+    A saturated top (connected local maxima of exactly equal probability, as float32 softmax gives for large
+    logits) is one finding at its centroid; other peaks are refined between grid points when ``subgrid``.
+
+    Args:
+        heat: probabilities ``(nx, ny, nz)``.
+        heat_affine: ``(4, 4)`` heat-grid index -> world RAS mm.
+        threshold: smallest probability reported.
+        min_distance_mm: a peak closer than this to a more probable kept peak is suppressed.
+        max_findings: at most this many findings.
+        subgrid: refine positions between grid points (parabolic fit per axis).
+
+    Returns:
+        ``[{"center_ras_mm": [x, y, z], "probability": p}, ...]``, mm rounded to 0.01, probability to 1e-4.
+    """
+    world, prob = _peaks(_as_grid(heat), heat_affine, threshold, min_distance_mm, max_findings, subgrid)
+    return [
+        {"center_ras_mm": [round(float(v), 2) for v in w], "probability": round(float(p), 4)}
+        for w, p in zip(world, prob, strict=True)
+    ]
+
+
+def _peaks(
+    h: torch.Tensor, heat_affine: np.ndarray, threshold: float, min_distance_mm: float, max_findings: int, subgrid: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Kept peaks of :func:`find_peaks`: world mm ``(M, 3)`` and probabilities ``(M,)``, unrounded."""
+    hn = h.numpy()
+    is_max = local_maxima(h)
+    idx = np.argwhere(is_max & (hn >= threshold))
+    if len(idx) == 0 or max_findings <= 0:
+        return np.zeros((0, 3)), np.zeros(0, dtype=np.float32)
+    prob = hn[idx[:, 0], idx[:, 1], idx[:, 2]]
+    smooth = F.avg_pool3d(h[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0].numpy()
+    tie = smooth[idx[:, 0], idx[:, 1], idx[:, 2]]
+    order = np.lexsort((-tie, -prob))  # by probability, then by neighbourhood mean; stable otherwise
+    idx, prob = idx[order], prob[order]
+    affine = as_affine(heat_affine)
+    seen = np.zeros(hn.shape, dtype=bool)
+    kept_world: list[np.ndarray] = []
+    kept_prob: list[float] = []
+    for point, p in zip(idx, prob, strict=True):
+        if seen[tuple(point)]:
+            continue  # part of a plateau already reported
+        plateau = _plateau(is_max & (hn == p), point, seen)
+        if len(plateau) > 1:  # a saturated top: its centroid
+            pos = plateau.mean(axis=0)
+        else:
+            pos = point + (_subgrid_offsets(hn, point[None])[0] if subgrid else 0.0)
+        world = voxel_to_world(affine, pos)
+        if kept_world and np.min(np.linalg.norm(np.asarray(kept_world) - world, axis=1)) < min_distance_mm:
+            continue
+        kept_world.append(world)
+        kept_prob.append(float(p))
+        if len(kept_world) >= max_findings:
+            break
+    return np.asarray(kept_world), np.asarray(kept_prob)
+
+
+def _plateau(region: np.ndarray, start: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Points ``(N, 3)`` of the 26-connected component of ``region`` containing ``start``; marks them in ``seen``."""
+    shape = np.asarray(region.shape)
+    steps = np.argwhere(np.ones((3, 3, 3), dtype=bool)) - 1
+    stack, points = [np.asarray(start)], []
+    seen[tuple(start)] = True
+    while stack:
+        q = stack.pop()
+        points.append(q)
+        nb = q + steps
+        nb = nb[np.all((nb >= 0) & (nb < shape), axis=1)]
+        nb = nb[region[nb[:, 0], nb[:, 1], nb[:, 2]] & ~seen[nb[:, 0], nb[:, 1], nb[:, 2]]]
+        seen[nb[:, 0], nb[:, 1], nb[:, 2]] = True
+        stack.extend(nb)
+    return np.asarray(points, dtype=np.float64)
+
+
+def volume_score(
+    heat: np.ndarray | torch.Tensor,
+    method: str = "max",
+    k: int = 5,
+    *,
+    heat_affine: np.ndarray | None = None,
+    min_distance_mm: float = 10.0,
+) -> float:
+    """One probability for the whole volume.
+
+    Args:
+        heat: probabilities ``(nx, ny, nz)``.
+        method: ``"max"``: the largest probability; ``"topk_mean"``: the mean of the ``k`` most probable peaks
+            (missing peaks count as 0); ``"noisy_or"``: ``1 - prod(1 - p)`` over the ``k`` most probable peaks,
+            the probability that at least one is positive if they were independent.
+        k: peaks combined by ``topk_mean`` and ``noisy_or``.
+        heat_affine: heat-grid index -> world mm, for the peaks' suppression distance; the identity (grid cells
+            of 1 mm) when omitted.
+        min_distance_mm: peaks are those of :func:`find_peaks` (non-maximum suppression at this distance), so a
+            nodule spanning several grid points counts once.
+
+    Returns:
+        The score in [0, 1] (0 for an all-zero heat map).
+    """
+    if method not in SCORE_METHODS:
+        raise ValueError(f"unknown score method {method!r}; choose one of {', '.join(SCORE_METHODS)}")
+    h = _as_grid(heat)
+    if h.numel() == 0:
+        return 0.0
+    if method == "max":
+        return float(h.max())
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    affine = np.eye(4) if heat_affine is None else heat_affine
+    positive = float(h[h > 0].min()) if bool((h > 0).any()) else 1.0
+    _, p = _peaks(h, affine, positive, min_distance_mm, k, subgrid=False)
+    p = p.astype(np.float64)
+    if method == "topk_mean":
+        return float(p.sum() / k)
+    return float(1.0 - np.prod(1.0 - p))

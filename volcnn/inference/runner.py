@@ -1,0 +1,376 @@
+"""Whole-volume inference over a batch of inputs: heat map, findings and score per case, a summary, failures.
+
+Per input (a NIfTI file or a DICOM series folder) the runner writes, atomically::
+
+    OUT/<case>/heatmap.nii.gz   float32 probability, exactly the input's shape and affine
+    OUT/<case>/findings.json    case, score, findings in world RAS mm and input voxels, model, input sha256
+    OUT/summary.csv             case, score, n_findings, max_probability, status (all inputs, updated per case)
+    OUT/failures.json           [{"input", "error"}] for the inputs that failed ([] when none)
+
+A bad input is logged with its message and recorded in ``failures.json``; the batch goes on with the next one.
+Outputs carry only the file or folder name of an input, never header fields (no patient identifiers).
+:func:`load_bundle_runner` builds the runner from a bundle's ``configs/inference.json`` and :func:`infer_main`
+is the ``volcnn infer`` command's body.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import LoadImaged
+from torch import nn
+
+from volcnn.inference.findings import SCORE_METHODS, find_peaks, volume_score
+from volcnn.inference.heatmap import classifier_heatmap, resample_to_grid
+from volcnn.io import VolcnnReader, Volume, atomic_write_json, atomic_write_text, load_volume, write_nifti
+from volcnn.transforms import volume_transforms, world_to_voxel
+
+__all__ = [
+    "InferenceRunner",
+    "case_name",
+    "file_sha256",
+    "infer_main",
+    "input_sha256",
+    "load_bundle_runner",
+    "load_checkpoint",
+    "model_info",
+]
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = ("case", "score", "n_findings", "max_probability", "status")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def case_name(path: str | os.PathLike[str]) -> str:
+    """The case name of an input: its file name without ``.nii`` / ``.nii.gz``, or its folder name.
+
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_`` so the name is a safe folder name.
+    """
+    name = Path(os.path.abspath(path)).name
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
+    return name or "case"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    return _hash_files(hashlib.sha256(), [Path(path)]).hexdigest()
+
+
+def input_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of an input: a file's bytes, or for a folder the bytes of its files in sorted name order."""
+    p = Path(path)
+    files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+    return _hash_files(hashlib.sha256(), files).hexdigest()
+
+
+def _hash_files(h: Any, files: Sequence[Path]) -> Any:
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h
+
+
+def model_info(ckpt_path: str | os.PathLike[str], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"name", "version", "sha256"}`` of a model: name and version from bundle metadata, sha256 of the file."""
+    meta = meta or {}
+    return {"name": meta.get("name"), "version": meta.get("version"), "sha256": file_sha256(ckpt_path)}
+
+
+def load_checkpoint(network: nn.Module, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """Load a state dict (plain, or under ``network`` / ``model`` / ``net``) with ``weights_only=True``; eval mode.
+
+    Raises:
+        FileNotFoundError: naming ``path`` when it is missing.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: model weights not found (expected the trained network's state dict)")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, Mapping):
+        for key in ("network", "model", "net"):
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    network.load_state_dict(state)
+    return network.eval()
+
+
+class _PreloadedReader(VolcnnReader):
+    """A :class:`VolcnnReader` that hands out an already loaded volume instead of reading the file again."""
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__()
+        self.volume = volume
+
+    def read(self, data: Sequence[str | os.PathLike[Any]] | str | os.PathLike[Any], **kwargs: Any) -> Volume:
+        return self.volume
+
+
+class InferenceRunner:
+    """Heat map, findings and volume score for each input, with per-case outputs and a batch summary.
+
+    Args:
+        network: classifier ``(B, 1, *patch_size)`` -> logits ``(B, K)``; moved to ``device``, put in eval mode.
+        patch_size: the network's input size in voxels at ``pixdim``.
+        pixdim: voxel size (mm) of the preprocessing, as in training.
+        hu_window: HU window of the preprocessing, as in training.
+        stride_mm: heat-map grid step in mm.
+        batch_size: windows per forward pass.
+        device: where the network runs (default: CUDA when available).
+        threshold: smallest probability reported as a finding.
+        min_distance_mm: non-maximum suppression distance between findings.
+        max_findings: findings per case at most.
+        score: volume score method, one of ``max``, ``topk_mean``, ``noisy_or``.
+        score_k: peaks combined by ``topk_mean`` / ``noisy_or``.
+        class_index: the softmax channel mapped (1 = nodule).
+        skip_air: do not evaluate windows centred on air (see :func:`~volcnn.inference.classifier_heatmap`).
+        model_info: ``{"name", "version", "sha256"}`` recorded in every ``findings.json``.
+        progress: tqdm progress bar per case.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        patch_size: Sequence[int],
+        pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+        hu_window: Sequence[float] = (-1000.0, 400.0),
+        stride_mm: float = 4.0,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        threshold: float = 0.5,
+        min_distance_mm: float = 10.0,
+        max_findings: int = 20,
+        score: str = "max",
+        score_k: int = 5,
+        class_index: int = 1,
+        skip_air: bool = True,
+        model_info: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if score not in SCORE_METHODS:
+            raise ValueError(f"unknown score method {score!r}; choose one of {', '.join(SCORE_METHODS)}")
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.network = network.to(self.device).eval()
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.pixdim = tuple(float(p) for p in pixdim)
+        self.hu_window = tuple(float(w) for w in hu_window)
+        self.stride_mm = float(stride_mm)
+        self.batch_size = int(batch_size)
+        self.threshold = float(threshold)
+        self.min_distance_mm = float(min_distance_mm)
+        self.max_findings = int(max_findings)
+        self.score = score
+        self.score_k = int(score_k)
+        self.class_index = int(class_index)
+        self.skip_air = bool(skip_air)
+        info = dict(model_info or {})
+        self.model_info = {"name": info.get("name"), "version": info.get("version"), "sha256": info.get("sha256")}
+        self.progress = bool(progress)
+        self._chain = volume_transforms("image", self.pixdim, self.hu_window)
+
+    def run(self, inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+        """Process every input; a failing input is recorded and the batch continues.
+
+        Returns:
+            ``{"processed": [{"input", "case", "score", "n_findings", "max_probability"}, ...],
+            "failures": [{"input", "error"}, ...]}``.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        processed: list[dict[str, Any]] = []
+        failures: list[dict[str, str]] = []
+        rows: list[dict[str, Any]] = []
+        used: set[str] = set()
+        for n, path in enumerate(inputs, 1):
+            case = _unique(case_name(path), used)
+            start = time.perf_counter()
+            try:
+                result = self.process(path, out / case, case)
+            except Exception as e:  # one bad input must not stop the batch
+                message = str(e) if str(path) in str(e) else f"{path}: {type(e).__name__}: {e}"
+                logger.error("[%d/%d] %s failed: %s", n, len(inputs), case, message)
+                logger.debug("traceback", exc_info=True)
+                failures.append({"input": str(path), "error": message})
+                rows.append({"case": case, "status": "failed"})
+                for stale in ("heatmap.nii.gz", "findings.json"):  # never leave an earlier run's outputs behind
+                    (out / case / stale).unlink(missing_ok=True)
+            else:
+                logger.info(
+                    "[%d/%d] %s: score %.4f, %d findings (%.1f s)",
+                    *(n, len(inputs), case, result["score"], result["n_findings"], time.perf_counter() - start),
+                )
+                processed.append({"input": str(path), **result})
+                rows.append({**{k: result[k] for k in SUMMARY_FIELDS[1:4]}, "case": case, "status": "ok"})
+            _write_reports(out, rows, failures)
+        if not inputs:
+            _write_reports(out, rows, failures)
+        return {"processed": processed, "failures": failures}
+
+    def process(self, path: str | os.PathLike[str], case_dir: str | os.PathLike[str], case: str) -> dict[str, Any]:
+        """Run one input and write ``case_dir/heatmap.nii.gz`` and ``case_dir/findings.json``.
+
+        A finding's ``center_voxel`` is the input voxel nearest its ``center_ras_mm`` (clipped to the image).
+
+        Returns:
+            ``{"case", "score", "n_findings", "max_probability"}``.
+        """
+        vol = load_volume(path)
+        digest = input_sha256(path)
+        shape, affine = tuple(vol.array.shape), vol.affine.copy()
+        image = self._preprocess(str(path), vol)
+        del vol
+        heat, heat_affine = classifier_heatmap(
+            image,
+            self.network,
+            self.patch_size,
+            batch_size=self.batch_size,
+            device=self.device,
+            class_index=self.class_index,
+            progress=self.progress,
+            stride_mm=self.stride_mm,
+            skip_air=self.skip_air,
+        )
+        del image
+        findings = find_peaks(heat, heat_affine, self.threshold, self.min_distance_mm, self.max_findings)
+        for f in findings:
+            voxel = np.rint(world_to_voxel(affine, f["center_ras_mm"])).astype(int)
+            f["center_voxel"] = np.clip(voxel, 0, np.asarray(shape) - 1).tolist()
+        score = volume_score(
+            heat, self.score, self.score_k, heat_affine=heat_affine, min_distance_mm=self.min_distance_mm
+        )
+        case_dir = Path(case_dir)
+        write_nifti(case_dir / "heatmap.nii.gz", resample_to_grid(heat, heat_affine, shape, affine), affine)
+        doc = {
+            "case": case,
+            "score": round(score, 4),
+            "score_method": self.score,
+            "findings": findings,
+            "model": self.model_info,
+            "input_sha256": digest,
+            "stride_mm": self.stride_mm,
+            "threshold": self.threshold,
+        }
+        atomic_write_json(case_dir / "findings.json", doc)
+        return {
+            "case": case,
+            "score": doc["score"],
+            "n_findings": len(findings),
+            "max_probability": round(float(heat.max()) if heat.size else 0.0, 4),
+        }
+
+    def _preprocess(self, path: str, vol: Volume) -> torch.Tensor:
+        """The training chain (:func:`~volcnn.transforms.volume_transforms`) on an already loaded volume.
+
+        Returns:
+            MetaTensor ``(1, X, Y, Z)`` in RAS at ``pixdim``, windowed to [0, 1], with its affine.
+        """
+        load = self._chain.transforms[0]
+        if isinstance(load, LoadImaged):  # same LoadImaged, fed the volume in memory: the file is read once
+            data = load({"image": path}, reader=_PreloadedReader(vol))
+            return self._chain(data, start=1)["image"]
+        return self._chain({"image": path})["image"]
+
+
+def _unique(name: str, used: set[str]) -> str:
+    out, i = name, 1
+    while out in used:
+        i += 1
+        out = f"{name}-{i}"
+    if out != name:
+        logger.warning("case name %s is taken by an earlier input; writing this one as %s", name, out)
+    used.add(out)
+    return out
+
+
+def _write_reports(out: Path, rows: list[dict[str, Any]], failures: list[dict[str, str]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+    atomic_write_json(out / "failures.json", failures)
+
+
+def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> InferenceRunner:
+    """Build the :class:`InferenceRunner` of a bundle from ``configs/inference.json`` and ``models/model.pt``.
+
+    Args:
+        bundle_dir: the bundle root.
+        overrides: config ids to replace, e.g. ``device="cpu"``, ``stride_mm=8.0``, ``network_def="resnet18"``.
+
+    Raises:
+        FileNotFoundError: naming the missing config or checkpoint.
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_dir)
+    config, meta = root / "configs" / "inference.json", root / "configs" / "metadata.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: bundle inference config not found")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(meta) if meta.is_file() else {})
+    parser["bundle_root"] = str(root)
+    parser.update(dict(overrides))
+    ckpt = Path(str(parser.get_parsed_content("ckpt_path")))
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: model weights not found; train the bundle or copy its state dict there")
+    runner = parser.get_parsed_content("runner")
+    if not isinstance(runner, InferenceRunner):
+        raise TypeError(f"{config}: 'runner' must build a volcnn.inference.InferenceRunner, got {type(runner)}")
+    return runner
+
+
+def infer_main(
+    bundle: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    **overrides: Any,
+) -> int:
+    """The body of ``volcnn infer --bundle DIR --out DIR INPUT...``.
+
+    Returns:
+        The exit code: 0 all inputs processed; 1 some failed (listed in ``OUT/failures.json``, the rest were
+        processed); 2 bad usage (no inputs, bundle folder, config or model missing, unusable bundle or output).
+    """
+    if not inputs:
+        logger.error("no inputs given: pass NIfTI files or DICOM series folders")
+        return 2
+    if not Path(bundle).is_dir():
+        logger.error("%s: bundle folder not found", bundle)
+        return 2
+    try:
+        runner = load_bundle_runner(bundle, **overrides)
+    except FileNotFoundError as e:
+        logger.error("%s", e)
+        return 2
+    except Exception as e:
+        logger.error("%s: cannot build the inference runner from the bundle (%s: %s)", bundle, type(e).__name__, e)
+        return 2
+    try:
+        result = runner.run(list(inputs), out_dir)
+    except OSError as e:
+        logger.error("%s: cannot write outputs (%s)", out_dir, e)
+        return 2
+    n_bad = len(result["failures"])
+    if n_bad:
+        logger.warning("%d of %d inputs failed; see %s", n_bad, len(inputs), Path(out_dir) / "failures.json")
+        return 1
+    return 0
