@@ -5,7 +5,7 @@ Every step goes through the interfaces a user has: ``volcnn synth``, ``python -m
 the evaluate overlay, the offline bundle check (which writes ``models/model.ts``) and ``volcnn infer``. The bundle
 keeps its GPU defaults; the demo writes CPU-sized settings into its own copy of the bundle.
 
-    python pipelines/demo.py --out demo_out [--cases 30] [--epochs 12]
+    python pipelines/demo.py --out demo_out [--cases 40] [--epochs 15]
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ BUNDLE = REPO / "bundles" / "lung_nodule_ct_classification"
 
 #: CPU-sized settings written into the demo's copy of the bundle (the bundle's own defaults target a GPU)
 CPU_SETTINGS = {
-    "network_def": "seed_cnn3d",
+    "network_def": "resnet10",
     "patch_size": [32, 32, 32],
     "pixdim": [1.0, 1.0, 1.0],
     "margin": 6,
     "batch_size": 16,
     "learning_rate": 0.001,
     "amp": False,
-    "num_workers": 1,
+    "num_workers": 0,
+    "stride_mm": 6.0,
 }
 
 
@@ -49,9 +50,10 @@ def _run(cmd: list[str], what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="output folder (replaced)")
-    parser.add_argument("--cases", type=int, default=30, help="synthetic cases (patients)")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs")
+    parser.add_argument("--cases", type=int, default=40, help="synthetic cases (patients)")
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs")
     parser.add_argument("--seed", type=int, default=0, help="cohort and training seed")
+    parser.add_argument("--negatives", type=int, default=30, help="negative candidates per case")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out.resolve()
@@ -59,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     print(f"=== synthetic cohort: {args.cases} small cases -> {data}", flush=True)
-    summary = synthesize_cohort(data, cases=args.cases, seed=args.seed, size="small", progress=True)
-    print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=1, default=str), flush=True)
+    summary = synthesize_cohort(
+        data, cases=args.cases, seed=args.seed, size="small", negatives=args.negatives, progress=True
+    )
+    for split, counts in summary["splits"].items():
+        c = counts["candidates"]
+        pos, neg = c["positive"], c["negative"]
+        print(f"  {split:<10} {counts['cases']:>3} patients, {pos:>3} nodule / {neg:>4} non-nodule candidates")
 
     configure_bundle(BUNDLE, bundle, {**CPU_SETTINGS, "max_epochs": args.epochs, "seed": args.seed})
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--datalist", str(data / "datalist.json"),

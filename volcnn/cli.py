@@ -31,6 +31,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
             progress=not args.no_progress,
+            negatives=args.negatives,
         )
     except ValueError as e:
         logger.error("%s", e)
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom", action="store_true", help="also write each case as a DICOM series")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients in validation")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients in test")
+    p.add_argument("--negatives", type=int, default=None, help="negative candidates per case (default: by size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
 

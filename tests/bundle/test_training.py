@@ -21,7 +21,7 @@ SMALL = ["--network_def", "seed_cnn3d", "--patch_size", "[16,16,16]", "--margin"
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
-    synthesize_cohort(out, cases=5, seed=3, size="tiny")
+    synthesize_cohort(out, cases=5, seed=3, size="tiny", dicom=True)
     return out
 
 
@@ -55,6 +55,14 @@ def test_volume_mode_runs_with_run_alias(cohort, tmp_path):
     args = ["--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort), "--output_dir", str(out),
             "--datalist", str(cohort / "datalist_volume.json"), *SMALL]  # fmt: skip
     _ok(_bundle(args, tmp_path))  # no run id: "run" is an alias of "training"
+    assert (out / "models" / "model_final.pt").is_file()
+
+
+def test_dicom_series_datalist_trains(cohort, tmp_path):
+    out = tmp_path / "dcm"
+    args = ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort),
+            "--output_dir", str(out), "--datalist", str(cohort / "datalist_dicom.json"), *SMALL]  # fmt: skip
+    _ok(_bundle(args, tmp_path))
     assert (out / "models" / "model_final.pt").is_file()
 
 

@@ -9,6 +9,7 @@ only on ``seed``: the same seed gives the same bytes in every file.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -211,6 +212,7 @@ def synthesize_cohort(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     progress: bool = False,
+    negatives: int | None = None,
 ) -> dict[str, Any]:
     """Generate a synthetic chest-CT cohort with nodules, LUNA16 CSVs and MONAI datalists.
 
@@ -229,6 +231,8 @@ def synthesize_cohort(
         val_fraction: fraction of patients in validation, in [0, 1).
         test_fraction: fraction of patients in test, in [0, 1); the two sum to < 1.
         progress: show a tqdm bar over cases.
+        negatives: negative candidates per case (default: the size's range, e.g. 6-12 for ``small``); a model
+            whose heat map must stay quiet over the whole lung field needs more of them.
 
     Returns:
         The summary (JSON-able): ``out_dir``, ``cases``, ``seed``, ``size``, per-split counts of cases,
@@ -240,6 +244,10 @@ def synthesize_cohort(
     """
     _check_args(cases, seed, size, val_fraction, test_fraction)
     spec = SIZES[size]
+    if negatives is not None:
+        if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
+            raise ValueError(f"negatives must be an integer >= 0, got {negatives!r}")
+        spec = dataclasses.replace(spec, negatives=(negatives, negatives))
     out = Path(out_dir)
     width = max(3, len(str(cases - 1)))
     ids = [(f"case_{i:0{width}d}", f"p{i:0{width}d}") for i in range(cases)]

@@ -109,7 +109,10 @@ def iter_window_batches(
 ) -> Iterator[torch.Tensor]:
     """Yield batches ``(B, C, *patch_size)`` of windows centred (voxel ``size // 2``) on ``centres``.
 
-    The volume is padded once with 0 (air after HU windowing) so that every window is complete.
+    The volume is padded once by replicating its border voxels, so that every window is complete. Zero
+    (air) padding would put an artificial slab of air against the tissue where a scan's field of view ends,
+    which a patch classifier has never seen and answers with false positives along the first and last
+    slices; replicating the border continues the anatomy smoothly instead.
 
     Args:
         volume: ``(C, X, Y, Z)``, on the device the batches should be on.
@@ -126,7 +129,7 @@ def iter_window_batches(
     pads: list[int] = []
     for a in (2, 1, 0):  # F.pad lists the last dimension first
         pads += [int(lo[a]), int(hi[a])]
-    padded = F.pad(volume, pads, mode="constant", value=0.0)
+    padded = F.pad(volume, pads, mode="replicate")
     # in padded coordinates a window centred on voxel c starts at c - size // 2 + lo = c
     px, py, pz = (int(v) for v in size)
     for b in range(0, len(centres), batch_size):

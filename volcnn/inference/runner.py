@@ -31,6 +31,7 @@ import torch
 from monai.transforms import LoadImaged
 from torch import nn
 
+from volcnn.engines.options import as_bool
 from volcnn.inference.findings import SCORE_METHODS, find_peaks, volume_score
 from volcnn.inference.heatmap import classifier_heatmap, resample_to_grid
 from volcnn.io import VolcnnReader, Volume, atomic_write_json, atomic_write_text, load_volume, write_nifti
@@ -179,10 +180,10 @@ class InferenceRunner:
         self.score = score
         self.score_k = int(score_k)
         self.class_index = int(class_index)
-        self.skip_air = bool(skip_air)
+        self.skip_air = as_bool(skip_air)
         info = dict(model_info or {})
         self.model_info = {"name": info.get("name"), "version": info.get("version"), "sha256": info.get("sha256")}
-        self.progress = bool(progress)
+        self.progress = as_bool(progress)
         self._chain = volume_transforms("image", self.pixdim, self.hu_window)
 
     def run(self, inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> dict[str, Any]:

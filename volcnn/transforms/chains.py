@@ -54,7 +54,7 @@ def augmentation_transforms(
     prob: float = 0.5,
     rotate_deg: float = 15.0,
     scale: float = 0.1,
-    translate_vox: float = 2.0,
+    translate_vox: float = 4.0,
     noise_std: float = 0.02,
     intensity_shift: float = 0.05,
     image_key: str = "image",
