@@ -11,8 +11,10 @@ keeps its GPU defaults; the demo writes CPU-sized settings into its own copy of 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -45,6 +47,13 @@ def _run(cmd: list[str], what: str) -> None:
     if result.returncode != 0:
         raise SystemExit(f"demo: {what} failed with exit code {result.returncode}")
     print(f"=== {what}: {time.time() - start:.0f} s", flush=True)
+
+
+def _nodules_of(nodules_csv: Path, case: str) -> list[list[float]]:
+    """Planted nodules of ``case``: ``[x, y, z, diameter_mm]`` (RAS mm), from the cohort's ``nodules.csv``."""
+    with open(nodules_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["case"] == case]
+    return [[float(r["x_ras"]), float(r["y_ras"]), float(r["z_ras"]), float(r["diameter_mm"])] for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"TensorBoard logs:  tensorboard --logdir {train / 'tensorboard'}")
     print(f"trained bundle:    {bundle}  (models/model.pt, models/model.ts)")
     print(f"inference on {case}: score {findings['score']:.3f}, {len(findings['findings'])} findings")
+    for truth in _nodules_of(data / "nodules.csv", case):
+        if not findings["findings"]:
+            print(f"  planted nodule {truth[3]:.1f} mm at RAS {truth[:3]}: no finding")
+            continue
+        near = min(findings["findings"], key=lambda f: math.dist(f["center_ras_mm"], truth[:3]))
+        gap = math.dist(near["center_ras_mm"], truth[:3])
+        print(
+            f"  planted nodule {truth[3]:.1f} mm at RAS {truth[:3]}: nearest finding {gap:.1f} mm away"
+            f" (p={near['probability']:.2f})"
+        )
     print(f"  heat map:  {infer / case / 'heatmap.nii.gz'}")
     print(f"  findings:  {infer / case / 'findings.json'}")
     print(f"  summary:   {infer / 'summary.csv'}")
