@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(PY) pipelines/demo.py --out $(DEMO_OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check -q volcnn tests tools pipelines
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: $(STAMP)

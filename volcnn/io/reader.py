@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from monai.config import PathLike
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
@@ -21,10 +22,10 @@ __all__ = ["VolcnnReader"]
 class VolcnnReader(ImageReader):
     """Reads NIfTI files and DICOM series folders as float32 HU ``(X, Y, Z)`` with a RAS affine."""
 
-    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         return all(is_volume_path(f) for f in ensure_tuple(filename))
 
-    def read(self, data: Sequence[str] | str, **kwargs: Any) -> Volume | list[Volume]:
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Volume | list[Volume]:
         vols = [load_volume(f) for f in ensure_tuple(data)]
         return vols if len(vols) > 1 else vols[0]
 

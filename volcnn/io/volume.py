@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -81,7 +82,7 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
 def load_nifti(path: str | os.PathLike[str]) -> Volume:
     """Read a NIfTI file completely (a truncated file is an error, not zeros) as float32 ``(X, Y, Z)``."""
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         shape = img.shape
         if len(shape) == 4 and shape[3] == 1:
             img = img.slicer[..., 0]

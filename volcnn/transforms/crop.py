@@ -47,11 +47,11 @@ class WorldPatchCrop(Transform):
         pad_value: value for voxels outside the input (0 is air after HU windowing).
     """
 
-    def __init__(self, size: Sequence[int], pad_value: float = 0.0) -> None:
+    def __init__(self, size: Sequence[int] | np.ndarray, pad_value: float = 0.0) -> None:
         self.size = np.asarray([int(s) for s in size])
         self.pad_value = float(pad_value)
 
-    def __call__(self, img: torch.Tensor, center: Sequence[float]) -> MetaTensor:
+    def __call__(self, img: torch.Tensor, center: Sequence[float]) -> MetaTensor:  # type: ignore[override]
         affine = as_affine(img.affine) if isinstance(img, MetaTensor) else np.eye(4)
         shape = np.asarray(img.shape[1:])
         c = np.rint(world_to_voxel(affine, center)).astype(int)
@@ -73,7 +73,12 @@ class FitVolume(Transform):
     trilinear.
     """
 
-    def __init__(self, fit_size: Sequence[int], out_size: Sequence[int] | None = None, pad_value: float = 0.0) -> None:
+    def __init__(
+        self,
+        fit_size: Sequence[int] | np.ndarray,
+        out_size: Sequence[int] | np.ndarray | None = None,
+        pad_value: float = 0.0,
+    ) -> None:
         self.fit_size = np.asarray([int(s) for s in fit_size])
         self.out_size = self.fit_size if out_size is None else np.asarray([int(s) for s in out_size])
         if np.any(self.out_size < self.fit_size):

@@ -34,14 +34,14 @@ def voxel_to_world(affine: np.ndarray | torch.Tensor, indices: Sequence[float] |
     return idx @ aff[:3, :3].T + aff[:3, 3]
 
 
-def translate(offset: Sequence[float]) -> np.ndarray:
+def translate(offset: Sequence[float] | np.ndarray) -> np.ndarray:
     """The ``(4, 4)`` voxel-space translation by ``offset`` voxels."""
     t = np.eye(4)
     t[:3, 3] = np.asarray(offset, dtype=np.float64)
     return t
 
 
-def scale_affine(in_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+def scale_affine(in_shape: Sequence[int] | np.ndarray, out_shape: Sequence[int] | np.ndarray) -> np.ndarray:
     """Voxel map from an ``out_shape`` grid to an ``in_shape`` grid covering the same extent (pixel-centre aligned)."""
     factor = np.asarray(in_shape, dtype=np.float64) / np.asarray(out_shape, dtype=np.float64)
     m = np.diag([*factor, 1.0])

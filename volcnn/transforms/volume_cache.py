@@ -39,7 +39,7 @@ def volume_transforms(
     """
     return Compose(
         [
-            LoadImaged(keys, reader=VolcnnReader(), image_only=True),
+            LoadImaged(keys, reader=VolcnnReader(), image_only=True),  # type: ignore[arg-type]  # instances work
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
             Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys, pixdim=tuple(float(p) for p in pixdim), mode="bilinear", dtype=np.float32),
