@@ -22,3 +22,14 @@ def test_temp_file_keeps_suffixes(tmp_path):
         assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
         tmp.write_bytes(b"x")
     assert (tmp_path / "heat.nii.gz").read_bytes() == b"x"
+
+
+def test_written_file_has_the_usual_mode(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
-from volcnn.data.dicom_series import nifti_gz_bytes, write_bytes_atomic, write_dicom_series
+from volcnn.data.dicom_series import nifti_gz_bytes, write_dicom_series
 from volcnn.data.nodules import Nodule, place_nodules, sample_candidates, sample_nodule
 from volcnn.data.phantom import SIZES, CaseGeometry, SizeSpec, build_phantom, chunk_slices
+from volcnn.io.atomic import atomic_write_bytes
 
 __all__ = [
     "ORIENTATIONS",
@@ -261,7 +262,7 @@ def synthesize_cohort(
     for i in iterator:
         case_id, patient = ids[i]
         case = synthesize_case(case_id, patient, spec, np.random.default_rng([seed, i]), orients[i % len(orients)])
-        write_bytes_atomic(out / "images" / f"{case_id}.nii.gz", nifti_gz_bytes(case.image, case.affine))
+        atomic_write_bytes(out / "images" / f"{case_id}.nii.gz", nifti_gz_bytes(case.image, case.affine))
         if dicom:
             entropy = ["volcnn-synthetic", str(seed), size, case_id]
             write_dicom_series(
@@ -295,7 +296,7 @@ def synthesize_cohort(
         ],
     }
     summary["files"]["cohort"] = "cohort.json"
-    write_bytes_atomic(out / "cohort.json", _json(summary))
+    atomic_write_bytes(out / "cohort.json", _json(summary))
     logger.info("synthetic cohort: %d cases in %s", cases, out)
     return {**summary, "out_dir": str(out.resolve())}
 
@@ -359,10 +360,10 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool) -> 
         for r in records
         for n in r.nodules
     ]
-    write_bytes_atomic(out / "annotations.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann))
-    write_bytes_atomic(out / "candidates.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "class"], cand))
+    atomic_write_bytes(out / "annotations.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann))
+    atomic_write_bytes(out / "candidates.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "class"], cand))
     header = ["case", "patient", "split", "x_ras", "y_ras", "z_ras", "diameter_mm", "texture", "malignant", "calcified"]
-    write_bytes_atomic(out / "nodules.csv", _csv(header, nods))
+    atomic_write_bytes(out / "nodules.csv", _csv(header, nods))
     files: dict[str, Any] = {"images": [r.image for r in records]}
     files |= {"annotations": "annotations.csv", "candidates": "candidates.csv", "nodules": "nodules.csv"}
     nodule_labels = {"0": "non-nodule", "1": "nodule"}
@@ -396,6 +397,6 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool) -> 
         body["labels"] = labels
         for split in SPLITS:
             body[split] = [e for r in records if r.split == split for e in make(r)]
-        write_bytes_atomic(out / f"{name}.json", _json(body))
+        atomic_write_bytes(out / f"{name}.json", _json(body))
         files[name] = f"{name}.json"
     return files

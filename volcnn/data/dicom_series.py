@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
-import tempfile
 from io import BytesIO
 from pathlib import Path
 
@@ -21,43 +19,13 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["nifti_gz_bytes", "slice_layout", "write_bytes_atomic", "write_dicom_series"]
+from volcnn.io.atomic import atomic_write_bytes
+
+__all__ = ["nifti_gz_bytes", "slice_layout", "write_dicom_series"]
 
 logger = logging.getLogger(__name__)
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
-
-    Args:
-        path: destination; its parent folder is created if missing.
-        data: file content.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp creates 0600; use the usual mode
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def nifti_gz_bytes(image: np.ndarray, affine: np.ndarray, description: str = "volcnn synthetic CT (HU)") -> bytes:
@@ -171,7 +139,7 @@ def write_dicom_series(
         ds.PixelData = np.ascontiguousarray(plane).tobytes()
         buf = BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
-        written.append(write_bytes_atomic(out_dir / f"IM{s + 1:04d}.dcm", buf.getvalue()))
+        written.append(atomic_write_bytes(out_dir / f"IM{s + 1:04d}.dcm", buf.getvalue()))
     keep = {p.name for p in written}
     for stale in out_dir.glob("IM*.dcm"):
         if stale.name not in keep:

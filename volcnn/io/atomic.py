@@ -27,6 +27,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(dest.suffixes) or ".tmp"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name.split('.')[0]}.", suffix=suffix, dir=dest.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -40,6 +41,12 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -49,10 +56,11 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``dest`` atomically."""
+def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``dest`` atomically; returns ``dest`` as a Path."""
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)
+    return Path(dest)
 
 
 def atomic_write_text(dest: str | os.PathLike[str], text: str) -> None:
