@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     auc = metrics["metrics"].get("val_auc")
     print("\n" + "=" * 72)
     print(f"evaluation on {metrics.get('num_samples')} candidates of unseen test patients ({train / 'metrics.json'}):")
+    section = metrics.get("section", "test")
     for name, value in metrics["metrics"].items():
-        print(f"  {name}: {value:.4f}" if value is not None else f"  {name}: n/a")
+        shown = "n/a" if value is None else f"{value:.4f}"
+        print(f"  {name} (the evaluator's metric, computed on the '{section}' section): {shown}")
     print(f"  nodule vs non-nodule separated (ROC AUC >= 0.9): {'yes' if auc is not None and auc >= 0.9 else 'NO'}")
     print(f"TensorBoard logs:  tensorboard --logdir {train / 'tensorboard'}")
     print(f"trained bundle:    {bundle}  (models/model.pt, models/model.ts)")

@@ -37,7 +37,9 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 def test_candidate_mode_trains_then_evaluates(cohort, tmp_path):
     out = tmp_path / "run"
     common = ["--dataset_dir", str(cohort), "--datalist", str(cohort / "datalist.json"), "--output_dir", str(out)]
-    _ok(_bundle(["training", "--config_file", str(CONFIGS / "train.json"), *common, *SMALL], tmp_path))
+    overrides = ["--device", "cpu", "--pixdim", "[1.5,1.5,1.5]", "--hu_window", "[-1000,500]", "--seed", "1",
+                 "--learning_rate", "0.001", "--num_classes", "2"]  # fmt: skip
+    _ok(_bundle(["training", "--config_file", str(CONFIGS / "train.json"), *common, *SMALL, *overrides], tmp_path))
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("classifier") for k in state)  # a seed_cnn3d state dict
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
