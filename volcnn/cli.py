@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: OUT/<case>/heatmap.nii.gz, findings.json, summary.csv")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--stride-mm", type=float, default=None, help="heat-map stride in mm (default: the bundle's)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or DICOM series folders")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha) files, or DICOM series folders",
+    )
     p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser("networks", help="list the registered network names (for network_def)")

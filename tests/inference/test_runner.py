@@ -233,3 +233,17 @@ def test_monai_bundle_run_over_the_datalist_test_section(bundle, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["case"], r["status"]) for r in rows] == [("a", "ok")]  # each image once
     assert json.loads((out / "a" / "findings.json").read_text())["model"]["name"] == "Lung nodule CT classification"
+
+
+def test_metaimage_case_name_and_hash_cover_the_data_file(tmp_path):
+    import SimpleITK as sitk
+
+    from volcnn.inference.runner import case_name, input_sha256
+
+    img = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16))
+    sitk.WriteImage(img, str(tmp_path / "1.3.6.1.4.mhd"))
+    assert case_name(tmp_path / "1.3.6.1.4.mhd") == "1.3.6.1.4"
+    before = input_sha256(tmp_path / "1.3.6.1.4.mhd")
+    raw = tmp_path / "1.3.6.1.4.raw"
+    raw.write_bytes(b"\x01" + raw.read_bytes()[1:])
+    assert input_sha256(tmp_path / "1.3.6.1.4.mhd") != before

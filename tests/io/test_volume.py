@@ -103,3 +103,34 @@ def test_monai_reader_refuses_like_load_volume(tmp_path):
         f.write(b"not a nifti at all" * 30)
     with pytest.raises(Exception, match="flat.nii.gz"):
         LoadImaged("image", reader=VolcnnReader(), image_only=True)({"image": str(path)})
+
+
+def _write_mhd(path, array_zyx, spacing, origin, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(array_zyx)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+
+
+def test_metaimage_as_luna16_ships_it(tmp_path):
+    zyx = np.random.default_rng(2).integers(-1000, 400, (5, 6, 7)).astype(np.int16)
+    _write_mhd(tmp_path / "scan.mhd", zyx, (0.7, 0.8, 2.5), (-150.0, -170.0, -300.0))
+    vol = load_volume(tmp_path / "scan.mhd")
+    np.testing.assert_array_equal(vol.array, zyx.transpose(2, 1, 0))
+    # MetaImage physical space is LPS: voxel (i, j, k) -> LPS origin + spacing * index; RAS negates x and y
+    expected = np.diag([-0.7, -0.8, 2.5, 1.0])
+    expected[:3, 3] = [150.0, 170.0, -300.0]
+    np.testing.assert_allclose(vol.affine, expected)
+    assert vol.kind == "metaimage"
+
+
+def test_truncated_metaimage_raw_is_refused(tmp_path):
+    _write_mhd(tmp_path / "cut.mhd", np.ones((6, 6, 6), np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    raw = tmp_path / "cut.raw"
+    raw.write_bytes(raw.read_bytes()[:100])
+    with pytest.raises(VolumeError, match="cannot read MetaImage") as err:
+        load_volume(tmp_path / "cut.mhd")
+    assert "cut.mhd" in str(err.value)

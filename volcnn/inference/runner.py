@@ -51,16 +51,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ("case", "score", "n_findings", "max_probability", "status")
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 
 
 def case_name(path: str | os.PathLike[str]) -> str:
-    """The case name of an input: its file name without ``.nii`` / ``.nii.gz``, or its folder name.
+    """The case name of an input: its file name without ``.nii`` / ``.nii.gz`` / ``.mhd`` / ``.mha``, or its folder
+    name.
 
     Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_`` so the name is a safe folder name.
     """
     name = Path(os.path.abspath(path)).name
-    for suffix in _NIFTI_SUFFIXES:
+    for suffix in _VOLUME_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -74,10 +75,23 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def input_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of an input: a file's bytes, or for a folder the bytes of its files in sorted name order."""
+    """Hex sha256 of an input: a file's bytes (a ``.mhd`` header then its data file), or for a folder the bytes of
+    its files in sorted name order."""
     p = Path(path)
-    files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+    files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p, *_metaimage_data_file(p)]
     return _hash_files(hashlib.sha256(), files).hexdigest()
+
+
+def _metaimage_data_file(header: Path) -> list[Path]:
+    """The detached data file a ``.mhd`` header names (``ElementDataFile = scan.raw``), if it exists."""
+    if header.suffix.lower() != ".mhd":
+        return []
+    for line in header.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile" and value.strip() not in ("", "LOCAL"):
+            data = header.parent / value.strip()
+            return [data] if data.is_file() else []
+    return []
 
 
 def _hash_files(h: Any, files: Sequence[Path]) -> Any:

@@ -16,11 +16,21 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["Volume", "VolumeError", "load_volume", "load_nifti", "load_dicom_series", "is_volume_path"]
+__all__ = [
+    "Volume",
+    "VolumeError",
+    "load_volume",
+    "load_nifti",
+    "load_metaimage",
+    "load_dicom_series",
+    "is_volume_path",
+]
 
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: MetaImage, the format LUNA16 ships its scans in
+METAIMAGE_SUFFIXES = (".mhd", ".mha")
 #: relative tolerance on the spacing between consecutive slices of a DICOM series
 SLICE_SPACING_RTOL = 0.01
 
@@ -42,7 +52,7 @@ class Volume:
         array: float32 ``(X, Y, Z)`` voxel values in HU, in the stored voxel order.
         affine: float64 ``(4, 4)`` voxel index -> world RAS millimetres.
         path: where it was read from.
-        kind: ``"nifti"`` or ``"dicom"``.
+        kind: ``"nifti"``, ``"metaimage"`` or ``"dicom"``.
         warnings: non-fatal observations about the input.
     """
 
@@ -59,13 +69,17 @@ class Volume:
 
 
 def is_volume_path(path: str | os.PathLike[str]) -> bool:
-    """True for a NIfTI file name or a folder (a DICOM series)."""
+    """True for a NIfTI or MetaImage file name, or a folder (a DICOM series)."""
     p = str(path)
-    return p.endswith(NIFTI_SUFFIXES) or os.path.isdir(p)
+    return p.endswith(NIFTI_SUFFIXES + METAIMAGE_SUFFIXES) or os.path.isdir(p)
 
 
 def load_volume(path: str | os.PathLike[str]) -> Volume:
-    """Read a NIfTI file or a DICOM series folder; see :class:`Volume`. Raises :class:`VolumeError`."""
+    """Read a NIfTI file, a MetaImage file or a DICOM series folder; see :class:`Volume`.
+
+    Raises:
+        VolumeError: naming the file and the problem.
+    """
     p = Path(path)
     if not p.exists():
         raise VolumeError(p, "does not exist")
@@ -73,8 +87,10 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
         vol = load_dicom_series(p)
     elif str(p).endswith(NIFTI_SUFFIXES):
         vol = load_nifti(p)
+    elif str(p).endswith(METAIMAGE_SUFFIXES):
+        vol = load_metaimage(p)
     else:
-        raise VolumeError(p, "not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
+        raise VolumeError(p, "not a NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha) file, or a DICOM series folder")
     _check_volume(vol)
     return vol
 
@@ -122,13 +138,39 @@ def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
         image = reader.Execute()
     except RuntimeError as e:
         raise VolumeError(folder, f"cannot read DICOM series ({str(e).strip().splitlines()[-1]})") from e
+    return _from_sitk(image, folder, "dicom")
+
+
+def load_metaimage(path: str | os.PathLike[str]) -> Volume:
+    """Read a MetaImage (``.mhd`` + ``.raw``, or ``.mha``) completely through SimpleITK, with a RAS affine.
+
+    A data file shorter than the header says is an error (SimpleITK: "data not read completely").
+    """
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise VolumeError(path, f"cannot read MetaImage ({' '.join(lines[-2:])})") from e
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        size = tuple(image.GetSize())
+        raise VolumeError(path, f"expected a 3D single-channel volume, got size {size}")
+    return _from_sitk(image, path, "metaimage")
+
+
+def _from_sitk(image: Any, path: str | os.PathLike[str], kind: str) -> Volume:
+    """A SimpleITK image (LPS physical space) as a :class:`Volume` ``(X, Y, Z)`` with a RAS affine."""
+    import SimpleITK as sitk
+
     array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)[None, :]
     affine_lps[:3, 3] = image.GetOrigin()
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    return Volume(array=array, affine=affine, path=folder, kind="dicom")
+    return Volume(array=array, affine=affine, path=str(path), kind=kind)
 
 
 def _check_slice_positions(folder: str, files: tuple[str, ...] | list[str]) -> None:
