@@ -73,3 +73,20 @@ def test_bad_bool_option_is_refused(cohort, tmp_path):
             "--output_dir", str(tmp_path / "x"), *SMALL[:-4], "--amp", "maybe", "--max_epochs", "1"]  # fmt: skip
     result = _bundle(args, tmp_path)
     assert result.returncode != 0 and "expected a boolean" in result.stderr
+
+
+def test_bad_scan_fails_training_with_the_readers_message(cohort, tmp_path):
+    """Training loads through the same validated reader as ingest and inference: a truncated scan is refused at
+    load with the reader's message naming the file, not as a shape error inside the network."""
+    data = json.loads((cohort / "datalist.json").read_text())
+    good = cohort / data["training"][0]["image"]
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(good.read_bytes()[:2000])
+    data["training"][0]["image"] = str(bad)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(data))
+    args = ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort),
+            "--datalist", str(datalist), "--output_dir", str(tmp_path / "o"), *SMALL]  # fmt: skip
+    result = _bundle(args, tmp_path)
+    assert result.returncode != 0
+    assert f"{bad}: cannot read NIfTI" in result.stdout + result.stderr

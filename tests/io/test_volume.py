@@ -134,3 +134,15 @@ def test_truncated_metaimage_raw_is_refused(tmp_path):
     with pytest.raises(VolumeError, match="cannot read MetaImage") as err:
         load_volume(tmp_path / "cut.mhd")
     assert "cut.mhd" in str(err.value)
+
+
+def test_load_transform_never_falls_back_to_monai_readers(nifti_factory):
+    """MONAI's LoadImage silently retries with NibabelReader when a designated reader raises; ours must not."""
+    from volcnn.io import LoadVolumed
+
+    arr = np.zeros((5, 5, 5), np.float32)
+    arr[2, 2, 2] = np.nan
+    path = nifti_factory("nan.nii.gz", arr, np.eye(4))
+    assert LoadImaged("image", image_only=True)({"image": path})["image"].isnan().any()  # what MONAI alone does
+    with pytest.raises(Exception, match=r"nan\.nii\.gz: 1 NaN/Inf voxels"):
+        LoadVolumed("image")({"image": path})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from volcnn.io.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from volcnn.io.datalist import DatalistError, load_datalist, read_datalist_json
-from volcnn.io.reader import VolcnnReader
+from volcnn.io.reader import LoadVolumed, VolcnnReader
 from volcnn.io.volume import Volume, VolumeError, load_volume
 from volcnn.io.writer import write_nifti
 
@@ -16,6 +16,7 @@ __all__ = [
     "DatalistError",
     "load_datalist",
     "read_datalist_json",
+    "LoadVolumed",
     "VolcnnReader",
     "Volume",
     "VolumeError",

@@ -1,7 +1,7 @@
 """``VolcnnReader``: the validated :func:`~volcnn.io.volume.load_volume` as a MONAI ``ImageReader``.
 
-Training, evaluation and inference all load through it (``LoadImaged(keys, reader=VolcnnReader())``), so a bad
-scan fails at load with the same message everywhere.
+Training, evaluation and inference all load through it (:class:`LoadVolumed`, which uses this reader alone), so a
+bad scan fails at load with the same message everywhere.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from monai.config import PathLike
+from monai.config import KeysCollection, PathLike
 from monai.data import ImageReader
+from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from volcnn.io.volume import Volume, is_volume_path, load_volume
 
-__all__ = ["VolcnnReader"]
+__all__ = ["VolcnnReader", "LoadVolumed"]
 
 
 class VolcnnReader(ImageReader):
@@ -43,3 +44,23 @@ class VolcnnReader(ImageReader):
             "source_kind": vol.kind,
         }
         return vol.array, meta
+
+
+class LoadVolumed(LoadImaged):
+    """``LoadImaged`` that reads through :class:`VolcnnReader` only.
+
+    Given a reader instance, MONAI's ``LoadImage`` registers it *in front of* its default readers and, when it
+    raises, silently falls back to them — so a scan our reader refuses (truncated, NaN, two series) would be
+    loaded anyway by ``NibabelReader`` or ``ITKReader``. Passing the reader at call time makes MONAI use it alone,
+    and its error (naming the file and the problem) reaches the user unchanged.
+
+    Output per key: a MetaTensor ``(X, Y, Z)`` float32 in HU with ``affine`` (voxel -> RAS mm).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs: Any) -> None:
+        self.volume_reader = VolcnnReader()
+        reader: Any = self.volume_reader  # MONAI's annotation says a class; an instance is what it registers
+        super().__init__(keys, reader=reader, image_only=True, allow_missing_keys=allow_missing_keys, **kwargs)
+
+    def __call__(self, data: Any, reader: ImageReader | None = None) -> dict:
+        return super().__call__(data, reader or self.volume_reader)

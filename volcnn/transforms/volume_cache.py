@@ -18,13 +18,12 @@ from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
-    LoadImaged,
     MapTransform,
     Orientationd,
     Spacingd,
 )
 
-from volcnn.io.reader import VolcnnReader
+from volcnn.io.reader import LoadVolumed
 from volcnn.transforms.intensity import HUWindowd
 
 __all__ = ["volume_transforms", "PreprocessVolumed"]
@@ -39,7 +38,7 @@ def volume_transforms(
     """
     return Compose(
         [
-            LoadImaged(keys, reader=VolcnnReader(), image_only=True),  # type: ignore[arg-type]  # instances work
+            LoadVolumed(keys),
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
             Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys, pixdim=tuple(float(p) for p in pixdim), mode="bilinear", dtype=np.float32),
