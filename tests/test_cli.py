@@ -40,3 +40,29 @@ def test_infer_with_missing_bundle_exits_2(tmp_path):
     vol = tmp_path / "a.nii.gz"
     vol.write_bytes(b"")
     assert main(["infer", "--bundle", str(tmp_path / "nobundle"), "--out", str(tmp_path / "o"), str(vol)]) == 2
+
+
+def test_ingest_and_datalist_commands_end_to_end(tmp_path):
+    """`volcnn synth` -> `ingest` (a bad file among good ones: exit 1) -> `datalist from-luna16` -> `check`."""
+    import json
+
+    from volcnn.data import synthesize_cohort
+
+    cohort = tmp_path / "c"
+    synthesize_cohort(cohort, cases=3, seed=5, size="tiny")
+    bad = cohort / "images" / "broken.nii.gz"
+    bad.write_bytes((cohort / "images" / "case_000.nii.gz").read_bytes()[:1500])
+    out = tmp_path / "ingested"
+    assert main(["ingest", str(cohort / "images"), "--out", str(out), "--no-progress"]) == 1
+    failures = json.loads((out / "failures.json").read_text())
+    assert [f["source"] for f in failures] == [str(bad)] and str(bad) in failures[0]["error"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_000.nii.gz", "case_001.nii.gz", "case_002.nii.gz"]
+    bad.unlink()
+    assert main(["ingest", str(cohort / "images"), "--out", str(out), "--no-progress"]) == 0  # all done: skipped
+
+    dl = tmp_path / "dl.json"
+    args = ["--candidates", str(cohort / "candidates.csv"), "--images", str(out), "--out", str(dl)]
+    assert main(["datalist", "from-luna16", *args]) == 0
+    assert main(["datalist", "check", str(dl), "--dataset-dir", str(out)]) == 0
+    (out / "case_001.nii.gz").unlink()
+    assert main(["datalist", "check", str(dl), "--dataset-dir", str(out)]) == 1

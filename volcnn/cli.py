@@ -47,6 +47,67 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return infer_main(args.bundle, args.out, args.inputs, **overrides)
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from volcnn.io.ingest import IngestError, ingest
+
+    try:
+        result = ingest(args.sources, args.out, progress=not args.no_progress)
+    except IngestError as e:
+        logger.error("%s", e)
+        return 2
+    n_done, n_skip, n_bad = len(result.converted), len(result.skipped), len(result.failures)
+    print(f"converted {n_done}, skipped {n_skip} (already done), failed {n_bad}")
+    for failure in result.failures:
+        print(f"  FAILED {failure['error']}")
+    print(
+        f"manifest: {result.out_dir}/manifest.json"
+        + (f"; failures: {result.out_dir}/failures.json" if result.failures else "")
+    )
+    return result.exit_code
+
+
+def _cmd_datalist(args: argparse.Namespace) -> int:
+    from volcnn.io.datalist import DatalistError
+    from volcnn.io.datalist_tools import check_datalist, from_csv, from_luna16
+
+    try:
+        if args.datalist_command == "check":
+            report = check_datalist(args.datalist, args.dataset_dir, load_images=not args.no_load, progress=True)
+            print(report.format())
+            return 0 if report.ok else 1
+        split = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction, "seed": args.seed}
+        if args.datalist_command == "from-luna16":
+            summary = from_luna16(
+                args.candidates,
+                args.images,
+                args.out,
+                annotations_csv=args.annotations,
+                skip_missing=args.skip_missing,
+                dataset_dir=args.dataset_dir,
+                **split,
+            )
+        else:
+            summary = from_csv(
+                args.csv, args.out, dataset_dir=args.dataset_dir, skip_missing=args.skip_missing, **split
+            )
+    except (DatalistError, ValueError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 1 if isinstance(e, DatalistError) else 2
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 1 if summary.get("problems") else 0
+
+
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="datalist JSON to write")
+    p.add_argument("--dataset-dir", default=None, help="folder the image paths are made relative to")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients in validation")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients in test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    p.add_argument(
+        "--skip-missing", action="store_true", help="drop rows whose image is missing (listed) instead of failing"
+    )
+
+
 def _cmd_networks(args: argparse.Namespace) -> int:
     from volcnn.networks import list_networks
 
@@ -85,6 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha) files, or DICOM series folders",
     )
     p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser("ingest", help="validate scans and convert them to NIfTI with a manifest (DICOM, NIfTI, .mhd)")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders, walked for series and volumes")
+    p.add_argument("--out", required=True, help="output folder: <name>.nii.gz, manifest.json, failures.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("datalist", help="build datalists (LUNA16 CSVs, plain CSV) and check them")
+    dsub = p.add_subparsers(dest="datalist_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("from-luna16", help="LUNA16 candidates.csv (LPS mm) + scan folder -> datalist (RAS mm)")
+    q.add_argument("--candidates", required=True, help="LUNA16 candidates CSV: seriesuid,coordX,coordY,coordZ,class")
+    q.add_argument("--images", required=True, help="folder (with subset* subfolders) of <seriesuid>.mhd / .nii.gz")
+    q.add_argument("--annotations", default=None, help="LUNA16 annotations CSV, adds diameter_mm to nodules")
+    _add_split_options(q)
+    q = dsub.add_parser("from-csv", help="CSV image,label[,patient][,center_x,center_y,center_z] -> datalist")
+    q.add_argument("csv", help="the CSV (centres in RAS mm)")
+    _add_split_options(q)
+    q = dsub.add_parser("check", help="every image loads, labels declared, centres inside, no patient in two splits")
+    q.add_argument("datalist", help="datalist JSON")
+    q.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, help="base of relative paths")
+    q.add_argument("--no-load", action="store_true", help="only check that images exist (faster, no centre check)")
+    p.set_defaults(func=_cmd_datalist)
 
     p = sub.add_parser("networks", help="list the registered network names (for network_def)")
     p.set_defaults(func=_cmd_networks)

@@ -146,3 +146,71 @@ def test_load_transform_never_falls_back_to_monai_readers(nifti_factory):
     assert LoadImaged("image", image_only=True)({"image": path})["image"].isnan().any()  # what MONAI alone does
     with pytest.raises(Exception, match=r"nan\.nii\.gz: 1 NaN/Inf voxels"):
         LoadVolumed("image")({"image": path})
+
+
+def test_nan_voxels_replaced_on_request(nifti_factory):
+    arr = np.full((5, 5, 5), 40.0, np.float32)
+    arr[0, 0, 0] = -1000.0
+    arr[1, 2, 3] = np.nan
+    arr[2, 2, 2] = -np.inf
+    vol = load_volume(nifti_factory("nan.nii.gz", arr, np.eye(4)), nan_policy="replace")
+    assert vol.array[1, 2, 3] == -1000.0 and vol.array[2, 2, 2] == -1000.0
+    assert np.isfinite(vol.array).all()
+    assert any("replaced 2 NaN/Inf voxels with -1000" in w for w in vol.warnings)
+    with pytest.raises(ValueError, match="nan_policy"):
+        load_volume(nifti_factory("nan2.nii.gz", arr, np.eye(4)), nan_policy="zero")
+
+
+def test_all_nan_volume_replaced_with_air(nifti_factory):
+    vol = load_volume(
+        nifti_factory("allnan.nii.gz", np.full((3, 3, 3), np.nan, np.float32), np.eye(4)), nan_policy="replace"
+    )
+    np.testing.assert_array_equal(vol.array, -1024.0)
+
+
+def _form_image(sform, scode, qform, qcode):
+    img = nib.Nifti1Image(np.full((4, 5, 6), -500, np.int16), None)
+    img.set_sform(sform, code=scode)
+    img.set_qform(qform, code=qcode)
+    return img
+
+
+@pytest.mark.parametrize(
+    ("qshift", "scode", "qcode", "warned"),
+    [(0.0, 1, 1, False), (0.0005, 1, 1, False), (2.0, 1, 1, True), (2.0, 1, 0, False), (2.0, 2, 1, True)],
+)
+def test_sform_qform_disagreement_is_reported(tmp_path, qshift, scode, qcode, warned):
+    sform = make_affine((0.8, 0.8, 2.0), (-1, 1, 1), origin=(10.0, 20.0, 30.0))
+    qform = sform.copy()
+    qform[0, 3] += qshift
+    path = tmp_path / "f.nii.gz"
+    nib.save(_form_image(sform, scode, qform, qcode), str(path))
+    vol = load_volume(path)
+    np.testing.assert_allclose(vol.affine, sform)  # nibabel's choice: the sform
+    msgs = [w for w in vol.warnings if "disagree" in w]
+    assert bool(msgs) == warned
+    if warned:
+        assert "using the sform" in msgs[0] and "2.000 mm" in msgs[0]
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.random.default_rng(0).integers(-1024, 1500, (5, 5, 5)), None),
+        (np.random.default_rng(0).integers(0, 2, (5, 5, 5)), "mask"),
+        (np.random.default_rng(0).integers(0, 256, (5, 5, 5)), "8-bit"),
+        (np.random.default_rng(0).integers(0, 4000, (5, 5, 5)), "no negative values"),
+    ],
+    ids=["hu", "mask", "uint8", "mr-like"],
+)
+def test_values_that_do_not_look_like_hu_are_warned(nifti_factory, array, expected):
+    vol = load_volume(nifti_factory("v.nii.gz", array.astype(np.int16), np.eye(4)))
+    if expected is None:
+        assert not vol.warnings
+    else:
+        assert (
+            len(vol.warnings) == 1
+            and expected in vol.warnings[0]
+            and "not CT in HU" in vol.warnings[0]
+            or (expected == "no negative values" and expected in vol.warnings[0])
+        )

@@ -1,8 +1,9 @@
 """Reading one CT volume (NIfTI file or DICOM series folder) into HU with a RAS affine, validated.
 
 A reader never returns a volume whose geometry or values differ from what was acquired: when it cannot be
-sure it raises :class:`VolumeError` naming the file and the problem. The DICOM checks here are the first
-layer (series grouping, slice spacing); the ingest work deepens them.
+sure it raises :class:`VolumeError` naming the file and the problem. DICOM series are read and validated by
+:mod:`volcnn.io.dicom`. Non-fatal observations (sform/qform disagreement, values that do not look like HU,
+replaced NaN voxels, ...) are listed in :attr:`Volume.warnings` and logged.
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: MetaImage, the format LUNA16 ships its scans in
 METAIMAGE_SUFFIXES = (".mhd", ".mha")
-#: relative tolerance on the spacing between consecutive slices of a DICOM series
-SLICE_SPACING_RTOL = 0.01
+#: two affines "disagree" when they map some corner of the volume more than this apart (mm)
+AFFINE_AGREEMENT_MM = 1e-3
+#: what :func:`load_volume` does with NaN/Inf voxels
+NAN_POLICIES = ("refuse", "replace")
+#: fill value for NaN/Inf voxels when a volume has no finite voxel at all
+NAN_FILL_HU = -1024.0
 
 
 class VolumeError(ValueError):
@@ -74,12 +79,20 @@ def is_volume_path(path: str | os.PathLike[str]) -> bool:
     return p.endswith(NIFTI_SUFFIXES + METAIMAGE_SUFFIXES) or os.path.isdir(p)
 
 
-def load_volume(path: str | os.PathLike[str]) -> Volume:
+def load_volume(path: str | os.PathLike[str], nan_policy: str = "refuse") -> Volume:
     """Read a NIfTI file, a MetaImage file or a DICOM series folder; see :class:`Volume`.
+
+    Args:
+        path: a ``.nii``/``.nii.gz``/``.mhd``/``.mha`` file or a folder holding one DICOM series.
+        nan_policy: ``"refuse"`` (default): NaN/Inf voxels are an error; ``"replace"``: they are set to the
+            minimum finite value of the volume (-1024 if there is none) and the count is recorded in
+            ``Volume.warnings``.
 
     Raises:
         VolumeError: naming the file and the problem.
     """
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     p = Path(path)
     if not p.exists():
         raise VolumeError(p, "does not exist")
@@ -91,7 +104,7 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
         vol = load_metaimage(p)
     else:
         raise VolumeError(p, "not a NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha) file, or a DICOM series folder")
-    _check_volume(vol)
+    _check_volume(vol, nan_policy)
     return vol
 
 
@@ -106,39 +119,41 @@ def load_nifti(path: str | os.PathLike[str]) -> Volume:
             raise VolumeError(path, f"expected a 3D volume, got shape {tuple(shape)}")
         array = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)
+        warnings = _sform_qform_warnings(img.header, array.shape[:3])
     except VolumeError:
         raise
     except Exception as e:  # nibabel and gzip raise many types for damaged files
         raise VolumeError(path, f"cannot read NIfTI ({type(e).__name__}: {e})") from e
-    return Volume(array=array, affine=affine, path=str(path), kind="nifti")
+    return Volume(array=array, affine=affine, path=str(path), kind="nifti", warnings=warnings)
+
+
+def _sform_qform_warnings(header: Any, shape: tuple[int, ...]) -> list[str]:
+    """A warning when both sform and qform are set (code > 0) and place the volume differently."""
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    if sform is None or qform is None or not scode or not qcode:
+        return []
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
+    diff = float(np.max(np.linalg.norm((corners @ (sform - qform).T)[:, :3], axis=1)))
+    if diff <= AFFINE_AGREEMENT_MM:
+        return []
+    return [
+        f"sform (code {int(scode)}) and qform (code {int(qcode)}) disagree by up to {diff:.3f} mm at the volume's "
+        "corners; using the sform (as nibabel does)"
+    ]
 
 
 def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
-    """Read the single CT series in ``folder`` through SimpleITK, in HU, with a RAS affine.
+    """Read the single CT series in ``folder`` (see :func:`volcnn.io.dicom.load_dicom_files`), in HU, RAS affine.
 
-    Refuses folders with no series or several series, and series whose slice positions are not evenly
-    spaced (a missing or duplicated slice).
+    Refuses a folder with no series or several series (naming their uid hashes), and any series that fails
+    the checks of :mod:`volcnn.io.dicom` (missing or duplicate slices, truncated files, ...).
     """
-    import SimpleITK as sitk
+    from volcnn.io.dicom import load_series_folder
 
-    folder = str(folder)
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-    if not series:
-        raise VolumeError(folder, "no DICOM series found in this folder")
-    if len(series) > 1:
-        raise VolumeError(folder, f"{len(series)} DICOM series in one folder; give one series folder at a time")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
-    if len(files) < 2:
-        raise VolumeError(folder, f"series has {len(files)} slice; a 3D volume needs at least 2")
-    _check_slice_positions(folder, files)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise VolumeError(folder, f"cannot read DICOM series ({str(e).strip().splitlines()[-1]})") from e
-    return _from_sitk(image, folder, "dicom")
+    return load_series_folder(folder)
 
 
 def load_metaimage(path: str | os.PathLike[str]) -> Volume:
@@ -173,39 +188,35 @@ def _from_sitk(image: Any, path: str | os.PathLike[str], kind: str) -> Volume:
     return Volume(array=array, affine=affine, path=str(path), kind=kind)
 
 
-def _check_slice_positions(folder: str, files: tuple[str, ...] | list[str]) -> None:
-    import pydicom
-
-    positions, normal = [], None
-    for f in files:
-        try:
-            ds = pydicom.dcmread(
-                f, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
-            )
-            pos = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-            if normal is None:
-                iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-                normal = np.cross(iop[:3], iop[3:])
-        except Exception as e:
-            raise VolumeError(f, f"cannot read slice geometry ({type(e).__name__}: {e})") from e
-        positions.append(float(pos @ normal))
-    steps = np.diff(np.sort(np.asarray(positions)))
-    if np.any(steps < 1e-3):
-        raise VolumeError(folder, "duplicate slice positions in the series")
-    median = float(np.median(steps))
-    if np.any(np.abs(steps - median) > SLICE_SPACING_RTOL * median):
-        raise VolumeError(
-            folder,
-            f"uneven slice spacing (median {median:.3f} mm, range {steps.min():.3f}-{steps.max():.3f} mm): "
-            "missing slices?",
-        )
-
-
-def _check_volume(vol: Volume) -> None:
-    if min(vol.array.shape) < 2:
+def _check_volume(vol: Volume, nan_policy: str = "refuse") -> None:
+    """Refuse a non-3D volume or a degenerate affine; refuse or replace NaN/Inf; warn on non-HU values."""
+    if vol.array.ndim != 3 or min(vol.array.shape) < 2:
         raise VolumeError(vol.path, f"expected a 3D volume, got shape {vol.array.shape} (a single slice?)")
     if not np.all(np.isfinite(vol.affine)) or abs(np.linalg.det(vol.affine[:3, :3])) < 1e-9:
         raise VolumeError(vol.path, "degenerate or non-finite affine (voxel-to-world geometry)")
-    bad = int(np.size(vol.array) - np.count_nonzero(np.isfinite(vol.array)))
+    finite = np.isfinite(vol.array)
+    bad = int(np.size(vol.array) - np.count_nonzero(finite))
     if bad:
-        raise VolumeError(vol.path, f"{bad} NaN/Inf voxels")
+        if nan_policy != "replace":
+            raise VolumeError(vol.path, f"{bad} NaN/Inf voxels (load with nan_policy='replace' to replace them)")
+        fill = float(vol.array[finite].min()) if bad < vol.array.size else NAN_FILL_HU
+        vol.array[~finite] = fill
+        vol.warnings.append(f"replaced {bad} NaN/Inf voxels with {fill:g}")
+    vol.warnings.extend(_hu_warnings(vol.array))
+    for w in vol.warnings:
+        logger.warning("%s: %s", vol.path, w)
+
+
+def _hu_warnings(array: np.ndarray) -> list[str]:
+    """Warnings for values that do not look like CT in Hounsfield units (air is near -1000 HU)."""
+    lo, hi = float(array.min()), float(array.max())
+    if lo < 0:
+        return []
+    if hi < 100:
+        return [f"values lie in [{lo:g}, {hi:g}]: looks like a mask or probability map, not CT in HU"]
+    if hi <= 255 and bool(np.all(np.mod(array, 1) == 0)):
+        return [f"integer values in [{lo:g}, {hi:g}]: looks like an 8-bit image or label map, not CT in HU"]
+    return [
+        f"no negative values (range [{lo:g}, {hi:g}]): CT in HU has air near -1000; MR, or stored values "
+        "without RescaleIntercept?"
+    ]
