@@ -68,7 +68,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_datalist(args: argparse.Namespace) -> int:
     from volcnn.io.datalist import DatalistError
-    from volcnn.io.datalist_tools import check_datalist, from_csv, from_luna16
+    from volcnn.io.datalist_check import check_datalist
+    from volcnn.io.datalist_import import from_csv, from_luna16
 
     try:
         if args.datalist_command == "check":

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DatalistError", "load_datalist", "read_datalist_json"]
+__all__ = ["SECTIONS", "DatalistError", "load_datalist", "read_datalist_json"]
 
 SECTIONS = ("training", "validation", "test")
 

@@ -12,7 +12,9 @@ import pytest
 from tests.conftest import make_affine
 from volcnn.data import synthesize_cohort
 from volcnn.io import DatalistError, load_datalist, write_nifti
-from volcnn.io.datalist_tools import SECTIONS, check_datalist, from_csv, from_luna16, split_patients
+from volcnn.io.datalist_check import check_datalist
+from volcnn.io.datalist_import import from_csv, from_luna16
+from volcnn.io.datalist_split import SECTIONS, split_patients
 
 
 @pytest.fixture(scope="module")
