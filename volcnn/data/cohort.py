@@ -25,6 +25,8 @@ from volcnn.data.dicom_series import nifti_gz_bytes, write_dicom_series
 from volcnn.data.nodules import Nodule, place_nodules, sample_candidates, sample_nodule
 from volcnn.data.phantom import SIZES, CaseGeometry, SizeSpec, build_phantom, chunk_slices
 from volcnn.io.atomic import atomic_write_bytes
+from volcnn.io.datalist import SECTIONS
+from volcnn.io.datalist_split import split_patients
 
 __all__ = [
     "ORIENTATIONS",
@@ -39,7 +41,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "LPI", "PRS", "SLP", "IRA")
-SPLITS = ("training", "validation", "test")
+SPLITS = SECTIONS  # the datalist sections, in order
 _NODULE_COUNT_P = (0.2, 0.36, 0.24, 0.12, 0.08)  # 0..4 nodules per case
 _MALIGNANT_P = 0.4
 
@@ -146,32 +148,16 @@ def synthesize_case(
     return SyntheticCase(case_id, patient, geom, image, affine, nodules, candidates)
 
 
-def _split(strata: list[int], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+def _split(strata: list[int], patients: list[str], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
     """Split cases (one patient each) into training/validation/test, balanced over ``strata``."""
-    n = len(strata)
-    quota = {"validation": round(n * val_fraction), "test": round(n * test_fraction)}
-    for name, frac in (("validation", val_fraction), ("test", test_fraction)):
-        if n >= 3 and frac > 0:
-            quota[name] = max(1, quota[name])
-    while quota["validation"] + quota["test"] > n - 1 and quota["validation"] + quota["test"] > 0:
-        quota["test" if quota["test"] >= quota["validation"] else "validation"] -= 1
-    quota["training"] = n - quota["validation"] - quota["test"]
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
-    counts = dict.fromkeys(SPLITS, 0)
-    out = [""] * n
-    for stratum in sorted(set(strata), reverse=True):  # rarest (malignant) first
-        members = [int(i) for i in perm if strata[i] == stratum]
-        target = {s: quota[s] / n * len(members) for s in SPLITS}
-        if len(members) >= 3:
-            target = {s: max(t, 1.0) if quota[s] else t for s, t in target.items()}
-        got = dict.fromkeys(SPLITS, 0)
-        for i in members:  # greedy: the split furthest below its target that still has room
-            free = [s for s in ("test", "validation", "training") if counts[s] < quota[s]]
-            name = max(free, key=lambda s: target[s] - got[s])
-            out[i] = name
-            got[name] += 1
-            counts[name] += 1
-    return out
+    assignment = split_patients(
+        dict(zip(patients, strata, strict=True)),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        stream=0x5EED,
+    )
+    return [assignment[p] for p in patients]
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> bytes:
@@ -276,7 +262,8 @@ def synthesize_cohort(
         logger.info("%s: %s %s, %d nodules", case_id, orient, case.image.shape, len(case.nodules))
         del case
     strata = [2 if any(n.malignant for n in r.nodules) else int(bool(r.nodules)) for r in records]
-    for rec, split in zip(records, _split(strata, seed, val_fraction, test_fraction), strict=True):
+    splits = _split(strata, [r.patient for r in records], seed, val_fraction, test_fraction)
+    for rec, split in zip(records, splits, strict=True):
         rec.split = split
     summary: dict[str, Any] = {
         "name": "volcnn-synthetic",

@@ -54,7 +54,12 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 
 def split_patients(
-    strata: Mapping[str, int], *, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0
+    strata: Mapping[str, int],
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    stream: int = 0xDA7A,
 ) -> dict[str, str]:
     """Assign each patient to ``training`` / ``validation`` / ``test``, deterministically from ``seed``.
 
@@ -65,6 +70,8 @@ def split_patients(
         val_fraction: fraction of patients in validation, in [0, 1).
         test_fraction: fraction of patients in test, in [0, 1); the two sum to < 1.
         seed: random seed; the result depends only on it, the fractions and the set of (patient, stratum).
+        stream: second word of the generator's seed, so that callers splitting for different purposes with the
+            same ``seed`` draw independent permutations.
 
     Returns:
         patient -> split name. With >= 3 patients and both fractions > 0 every split is non-empty; training
@@ -80,7 +87,7 @@ def split_patients(
     while quota["validation"] + quota["test"] > max(n - 1, 0):
         quota["test" if quota["test"] >= quota["validation"] else "validation"] -= 1
     quota["training"] = n - quota["validation"] - quota["test"]
-    perm = np.random.default_rng([seed, 0xDA7A]).permutation(n)
+    perm = np.random.default_rng([seed, stream]).permutation(n)
     counts = dict.fromkeys(SECTIONS, 0)
     out: dict[str, str] = {}
     for stratum in sorted({strata[p] for p in patients}, reverse=True):  # rarest (positives) first
