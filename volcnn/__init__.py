@@ -12,9 +12,9 @@ import importlib
 from types import ModuleType
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "bundle", "data", "engines", "inference", "io", "networks", "transforms"]
+__all__ = ["__version__", "bundle", "data", "engines", "inference", "io", "metrics", "networks", "report", "transforms"]
 
-_SUBPACKAGES = {"bundle", "data", "engines", "inference", "io", "networks", "transforms"}
+_SUBPACKAGES = {"bundle", "data", "engines", "inference", "io", "metrics", "networks", "report", "transforms"}
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -57,7 +57,7 @@ def test_volume_mode_runs_with_run_alias(cohort, tmp_path):
     args = ["--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort), "--output_dir", str(out),
             "--datalist", str(cohort / "datalist_volume.json"), *SMALL]  # fmt: skip
     _ok(_bundle(args, tmp_path))  # no run id: "run" is an alias of "training"
-    assert (out / "models" / "model_final.pt").is_file()
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch0001.pt").is_file()
 
 
 def test_dicom_series_datalist_trains(cohort, tmp_path):
@@ -65,7 +65,7 @@ def test_dicom_series_datalist_trains(cohort, tmp_path):
     args = ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort),
             "--output_dir", str(out), "--datalist", str(cohort / "datalist_dicom.json"), *SMALL]  # fmt: skip
     _ok(_bundle(args, tmp_path))
-    assert (out / "models" / "model_final.pt").is_file()
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch0001.pt").is_file()
 
 
 def test_bad_bool_option_is_refused(cohort, tmp_path):

@@ -1,9 +1,36 @@
-"""Trainer / evaluator pieces on MONAI + Ignite used by the bundles."""
+"""Trainer / evaluator pieces on MONAI + Ignite used by the bundles: AMP, checkpoints, resume, monitoring."""
 
 from __future__ import annotations
 
+from volcnn.engines.amp import AmpPolicy, resolve_amp
+from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_checkpoint
 from volcnn.engines.handlers import MetricsJSONWriter
 from volcnn.engines.imbalance import class_weights
+from volcnn.engines.monitor import TrainingMonitor, is_rank0, progress_bar
 from volcnn.engines.options import as_bool
+from volcnn.engines.sampling import make_sampler
+from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
+from volcnn.engines.workflow import process_rank, quiet_non_rank0, run_training, seed_everything
 
-__all__ = ["MetricsJSONWriter", "as_bool", "class_weights"]
+__all__ = [
+    "AmpPolicy",
+    "AutocastInferer",
+    "CheckpointError",
+    "MetricsJSONWriter",
+    "NonFiniteLossError",
+    "SchedulerStepper",
+    "TrainingCheckpointer",
+    "TrainingMonitor",
+    "VolcnnTrainer",
+    "as_bool",
+    "class_weights",
+    "is_rank0",
+    "load_checkpoint",
+    "make_sampler",
+    "process_rank",
+    "progress_bar",
+    "quiet_non_rank0",
+    "resolve_amp",
+    "run_training",
+    "seed_everything",
+]

@@ -1,0 +1,74 @@
+"""Entry points the bundle's ``initialize`` and ``training`` lists call: seeding, determinism, resume, run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import monai
+import torch
+from ignite.engine import Engine
+
+from volcnn.engines.checkpoint import TrainingCheckpointer
+from volcnn.engines.options import as_bool
+from volcnn.engines.trainer import NonFiniteLossError
+
+__all__ = ["seed_everything", "run_training", "process_rank", "quiet_non_rank0"]
+
+logger = logging.getLogger(__name__)
+
+
+def process_rank() -> int:
+    """This process's rank under torch.distributed (or torchrun's ``RANK``), 0 when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def quiet_non_rank0() -> None:
+    """Log warnings and errors only on ranks other than 0, so a multi-process run prints one log."""
+    if process_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+        for name in ("ignite", "monai", "volcnn"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: object = 0, deterministic: object = False) -> None:
+    """Seed Python, NumPy, torch (CPU and CUDA) and MONAI's transforms; optionally deterministic kernels.
+
+    Args:
+        seed: an int, or ``None``/``"none"`` for an unseeded run.
+        deterministic: ``true`` makes torch use deterministic algorithms only (and cuDNN deterministic, no
+            autotuning; ``CUBLAS_WORKSPACE_CONFIG`` is set for CUDA). Bit-exact resume relies on it.
+    """
+    det = as_bool(deterministic)
+    if det:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    s = None if seed is None or str(seed).strip().lower() in ("none", "null", "") else int(str(seed))
+    if s is None and det:
+        raise ValueError("deterministic: true needs a seed")
+    monai.utils.set_determinism(seed=s, use_deterministic_algorithms=det if det else None)
+    logger.info("seed %s, deterministic algorithms %s", s, "on" if det else "off")
+
+
+def run_training(trainer: Engine, checkpointer: TrainingCheckpointer | None = None, resume: object = False) -> Any:
+    """Run ``trainer``; with ``resume`` true, first continue from the newest checkpoint of ``checkpointer``.
+
+    A non-finite loss stops the run with :class:`NonFiniteLossError` (so the process exits non-zero); the
+    message names the epoch, the iteration and the last good checkpoint, which is left untouched.
+    """
+    if as_bool(resume):
+        if checkpointer is None:
+            raise ValueError("resume: true needs the trainer's TrainingCheckpointer")
+        if checkpointer.resume(trainer):
+            logger.info("nothing to do: training already reached max_epochs=%s", trainer.state.max_epochs)
+            return trainer.state
+    try:
+        trainer.run()
+    except NonFiniteLossError as e:
+        last = checkpointer.checkpoints()[-1] if checkpointer is not None and checkpointer.checkpoints() else None
+        where = f"; last good checkpoint: {last}" if last else "; no checkpoint had been written yet"
+        logger.error("%s%s", e, where)
+        raise NonFiniteLossError(f"{e}{where}") from None
+    return trainer.state

@@ -1,0 +1,13 @@
+"""Rendering of evaluation outputs: ROC / confusion / calibration plots, a predictions CSV, an HTML report.
+
+Inputs are plain numbers, sequences and numpy arrays (no torch). Plots use matplotlib's Agg canvas directly, so
+the caller's global backend is never touched; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from volcnn.report.html import write_report_html
+from volcnn.report.plots import plot_calibration, plot_confusion, plot_roc
+from volcnn.report.predictions import write_predictions_csv
+
+__all__ = ["plot_calibration", "plot_confusion", "plot_roc", "write_predictions_csv", "write_report_html"]
