@@ -97,14 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     metrics = json.loads((train / "metrics.json").read_text())
     case = Path(unseen).name.split(".")[0]
     findings = json.loads((infer / case / "findings.json").read_text())
-    auc = metrics["metrics"].get("val_auc")
+    m = metrics["metrics"]
+    auc, ci = m.get("auc"), m.get("auc_ci95")
     print("\n" + "=" * 72)
-    print(f"evaluation on {metrics.get('num_samples')} candidates of unseen test patients ({train / 'metrics.json'}):")
-    section = metrics.get("section", "test")
-    for name, value in metrics["metrics"].items():
-        shown = "n/a" if value is None else f"{value:.4f}"
-        print(f"  {name} (the evaluator's metric, computed on the '{section}' section): {shown}")
+    print(
+        f"evaluation on {m['num_samples']} candidates of unseen test patients "
+        f"({m['num_positive']} nodules, {m['num_negative']} non-nodules):"
+    )
+    print(f"  ROC AUC {_fmt(auc)}  (95% bootstrap CI {_fmt(ci[0]) if ci else 'n/a'}-{_fmt(ci[1]) if ci else 'n/a'})")
+    print(
+        f"  at the threshold {m['threshold']:.3f} chosen on {m['threshold_source']}: sensitivity "
+        f"{_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])}, precision {_fmt(m['precision'])}, "
+        f"F1 {_fmt(m['f1'])}; calibration error (ECE) {_fmt(m['ece'])}"
+    )
+    at = m.get("at_target_sensitivity")
+    if at:
+        print(
+            f"  at the validation threshold for sensitivity >= {at['target']}: sensitivity {_fmt(at['sensitivity'])}, "
+            f"specificity {_fmt(at['specificity'])}"
+        )
     print(f"  nodule vs non-nodule separated (ROC AUC >= 0.9): {'yes' if auc is not None and auc >= 0.9 else 'NO'}")
+    print(f"evaluation report: {train / 'report.html'}  (metrics.json, predictions.csv, roc/confusion/calibration.png)")
     print(f"TensorBoard logs:  tensorboard --logdir {train / 'tensorboard'}")
     print(f"trained bundle:    {bundle}  (models/model.pt, models/model.ts)")
     print(f"inference on {case}: score {findings['score']:.3f}, {len(findings['findings'])} findings")
@@ -123,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  summary:   {infer / 'summary.csv'}")
     print(f"total time: {time.time() - start:.0f} s")
     return 0 if all(c.ok for c in checks) else 1
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

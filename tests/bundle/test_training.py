@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,18 +40,45 @@ def test_candidate_mode_trains_then_evaluates(cohort, tmp_path):
     out = tmp_path / "run"
     common = ["--dataset_dir", str(cohort), "--datalist", str(cohort / "datalist.json"), "--output_dir", str(out)]
     overrides = ["--device", "cpu", "--pixdim", "[1.5,1.5,1.5]", "--hu_window", "[-1000,500]", "--seed", "1",
-                 "--learning_rate", "0.001", "--num_classes", "2"]  # fmt: skip
+                 "--learning_rate", "0.001", "--num_classes", "2", "--max_epochs", "2"]  # fmt: skip
     _ok(_bundle(["training", "--config_file", str(CONFIGS / "train.json"), *common, *SMALL, *overrides], tmp_path))
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("classifier") for k in state)  # a seed_cnn3d state dict
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    _check_tensorboard(out / "tensorboard", epochs=2)
 
     configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
     _ok(_bundle(["--config_file", configs, *common, *SMALL], tmp_path))
     metrics = json.loads((out / "metrics.json").read_text())
     n_test = len(json.loads((cohort / "datalist.json").read_text())["test"])
     assert metrics["section"] == "test" and metrics["num_samples"] == n_test
-    assert "val_auc" in metrics["metrics"]
+    m = metrics["metrics"]
+    # our plain-torch AUC agrees with the one MONAI's ROCAUC handler computed during the same evaluation
+    assert m["auc"] == pytest.approx(metrics["engine_metrics"]["val_auc"], abs=1e-9)
+    assert m["tp"] + m["fn"] == m["num_positive"] and m["tn"] + m["fp"] == m["num_negative"]
+    assert m["threshold_source"] == "validation (Youden)"
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_test and "patient" not in rows[0]
+    assert sum(int(r["predicted"]) == 1 and int(r["label"]) == 1 for r in rows) == m["tp"]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "https://" not in html and "http://" not in html
+    for png in ("roc.png", "confusion.png", "calibration.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+
+
+def _check_tensorboard(log_dir: Path, epochs: int) -> None:
+    """The run's event files read back with TensorBoard's EventAccumulator hold the scalars and images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss_epoch", "train/lr", "train/samples_per_s", "train/train_auc", "val/val_auc"):
+        assert tag in tags["scalars"], tag
+        assert [e.step for e in acc.Scalars(tag)] == list(range(1, epochs + 1)), tag
+    assert all(e.value > 0 for e in acc.Scalars("train/samples_per_s"))
+    assert acc.Scalars("train/lr")[0].value == pytest.approx(0.001)
+    assert "val/patches" in tags["images"] and len(acc.Images("val/patches")) == epochs
 
 
 def test_volume_mode_runs_with_run_alias(cohort, tmp_path):
@@ -90,3 +119,24 @@ def test_bad_scan_fails_training_with_the_readers_message(cohort, tmp_path):
     result = _bundle(args, tmp_path)
     assert result.returncode != 0
     assert f"{bad}: cannot read NIfTI" in result.stdout + result.stderr
+
+
+def test_nan_loss_exits_non_zero_and_keeps_the_last_good_checkpoint(cohort, tmp_path):
+    """A loss that turns NaN at the first batch of epoch 2 stops training with a message naming the epoch and
+    iteration; the process exits non-zero and the epoch-1 checkpoint stays loadable."""
+    n = len(json.loads((cohort / "datalist.json").read_text())["training"])
+    epoch_length = n // 4 if n > 4 else 1  # batch_size 4, drop_last when there is more than one batch
+    out = tmp_path / "nan"
+    args = ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort),
+            "--output_dir", str(out), *SMALL, "--max_epochs", "3",
+            "--loss#_target_", "tests.engines.nan_loss.NaNAfterLoss", "--loss#after", str(epoch_length)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode != 0
+    expected = f"training loss is nan at epoch 2, iteration {epoch_length + 1} (batch 1 of {epoch_length}"
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert "last good checkpoint" in result.stderr and "checkpoint_epoch0001.pt" in result.stderr
+    assert sorted(p.name for p in (out / "models").glob("checkpoint_epoch*.pt")) == ["checkpoint_epoch0001.pt"]
+    ckpt = torch.load(out / "models" / "checkpoint_epoch0001.pt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["state"]["model"].values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from volcnn.engines.amp import AmpPolicy, resolve_amp
 from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_checkpoint
-from volcnn.engines.handlers import MetricsJSONWriter
+from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
 from volcnn.engines.monitor import TrainingMonitor, is_rank0, progress_bar
 from volcnn.engines.options import as_bool
@@ -16,8 +16,9 @@ __all__ = [
     "AmpPolicy",
     "AutocastInferer",
     "CheckpointError",
-    "MetricsJSONWriter",
+    "EvaluationReport",
     "NonFiniteLossError",
+    "PredictionCollector",
     "SchedulerStepper",
     "TrainingCheckpointer",
     "TrainingMonitor",
