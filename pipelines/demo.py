@@ -34,7 +34,7 @@ CPU_SETTINGS = {
     "margin": 6,
     "batch_size": 16,
     "learning_rate": 0.001,
-    "amp": False,
+    "amp": True,  # bf16 autocast on CPUs with native bf16, fp32 elsewhere; fp16 + GradScaler on CUDA
     "num_workers": 0,
     "stride_mm": 6.0,
 }

@@ -16,7 +16,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import volcnn.engines.monitor as monitor_mod
-from volcnn.engines.monitor import TrainingMonitor, _loss_from_output, _make_patch, is_rank0, progress_bar
+from volcnn.engines.dist import is_rank0
+from volcnn.engines.monitor import TrainingMonitor, _loss_from_output, _make_patch, progress_bar
 
 LR = 0.1
 BATCH = 4

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from volcnn.engines.amp import AmpPolicy, resolve_amp
 from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_checkpoint
+from volcnn.engines.dist import is_rank0, process_rank
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
-from volcnn.engines.monitor import TrainingMonitor, is_rank0, progress_bar
+from volcnn.engines.monitor import TrainingMonitor, progress_bar
 from volcnn.engines.options import as_bool
 from volcnn.engines.sampling import make_sampler
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
-from volcnn.engines.workflow import process_rank, quiet_non_rank0, run_training, seed_everything
+from volcnn.engines.workflow import quiet_non_rank0, run_training, seed_everything
 
 __all__ = [
     "AmpPolicy",

@@ -18,12 +18,14 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
+from volcnn.engines.dist import is_rank0
 from volcnn.engines.rng_state import capture_rng, restore_rng
 from volcnn.io.atomic import atomic_path, atomic_write_json
 
@@ -107,6 +109,7 @@ class TrainingCheckpointer:
         self.stopped_early = False
         self.history: list[dict[str, Any]] = []
         self.trainer: Engine | None = None
+        self._resumed = False
 
     # ---------------------------------------------------------------- attaching
     def attach(self, engine: Engine) -> None:
@@ -115,14 +118,41 @@ class TrainingCheckpointer:
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and "scaler" not in self.save_dict:
             self.save_dict["scaler"] = scaler
-        engine.add_event_handler(Events.STARTED, self._clean_temporaries)
+        engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
+    def _started(self, engine: Engine) -> None:
+        if not is_rank0():
+            return
+        self._clean_temporaries()
+        if not self._resumed:
+            self._archive_previous_run()
+
+    def _archive_previous_run(self) -> None:
+        """A fresh (not resumed) run into a folder holding another run's files moves them to
+        ``previous-<UTC time>/`` instead of mixing the two runs or deleting the older one's work."""
+        old = [*self.checkpoints(), *(self.ckpt_dir / n for n in (self.best_filename, "best.json"))]
+        old = [p for p in old if p.is_file()]
+        if not old:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = self.ckpt_dir / f"previous-{stamp}"
+        target.mkdir(exist_ok=True)
+        for path in old:
+            os.replace(path, target / path.name)
+        logger.warning(
+            "%s held files of an earlier run; moved %d of them to %s (pass resume=true to continue a run instead)",
+            self.ckpt_dir, len(old), target,
+        )  # fmt: skip
+
     def _clean_temporaries(self, engine: Engine | None = None) -> None:
-        """Remove temp files a killed write left behind (``.checkpoint_epoch*.pt`` / ``.model*.pt``)."""
+        """Remove temp files a killed write left behind (``.checkpoint_epoch*.pt``, ``.model.*.pt``,
+        ``.best.*.json``: :func:`volcnn.io.atomic.atomic_path` names them ``.{stem}.{random}{suffixes}``)."""
         if not self.ckpt_dir.is_dir():
             return
-        for tmp in self.ckpt_dir.glob(".*.pt"):
+        best = Path(self.best_filename)
+        patterns = {".*.pt", ".best.*.json", f".{best.name.split('.')[0]}.*{''.join(best.suffixes)}"}
+        for tmp in sorted({p for pattern in patterns for p in self.ckpt_dir.glob(pattern)}):
             logger.info("removing unfinished checkpoint write %s", tmp)
             tmp.unlink(missing_ok=True)
 
@@ -157,22 +187,25 @@ class TrainingCheckpointer:
         self.history.append(record)
         if no_validation or (value is not None and self._improved(value)):
             self.best_value, self.best_epoch = value, epoch
-            self._write_best(epoch, value)
+            if is_rank0():
+                self._write_best(epoch, value)
         elif value is None and self.best_value is None:
             # the key metric is undefined so far (e.g. one class in the validation set): keep the latest weights
             logger.warning(
                 "%s is undefined at epoch %d; %s holds the latest weights", self.key_metric, epoch, self.best_filename
             )
             self.best_epoch = epoch
-            self._write_best(epoch, None)
+            if is_rank0():
+                self._write_best(epoch, None)
         if self.patience and value is not None and epoch - self.best_epoch >= self.patience:
             self.stopped_early = True
             logger.info(
                 "early stopping at epoch %d: %s has not improved for %d epochs (best %.4f at epoch %d)",
                 epoch, self.key_metric, epoch - self.best_epoch, self.best_value or float("nan"), self.best_epoch,
             )  # fmt: skip
-        path = self.save(engine)
-        logger.info("epoch %d checkpoint: %s", epoch, path)
+        if is_rank0():  # every rank tracks the best metric and early stopping; only rank 0 writes
+            path = self.save(engine)
+            logger.info("epoch %d checkpoint: %s", epoch, path)
         if self.stopped_early:
             engine.terminate()
 
@@ -239,6 +272,7 @@ class TrainingCheckpointer:
         """
         engine = engine or self._require_trainer()
         self.trainer = engine
+        self._resumed = True
         candidates = self.checkpoints()
         if not candidates:
             logger.info("resume: no checkpoint in %s; starting from epoch 1", self.ckpt_dir)
@@ -267,9 +301,12 @@ class TrainingCheckpointer:
         missing = sorted(set(self.save_dict) - set(ckpt["state"]))
         if missing:
             raise CheckpointError(f"{path}: has no state for {missing}")
+        try:  # before loading any state, so a refused checkpoint leaves the trainer untouched
+            restore_rng(ckpt["rng"], _train_transform(loader), _loader_generators(loader))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         for name, obj in self.save_dict.items():
             obj.load_state_dict(ckpt["state"][name])
-        restore_rng(ckpt["rng"], _train_transform(loader), _loader_generators(loader))
         best = ckpt.get("best", {})
         self.best_value, self.best_epoch = best.get("value"), int(best.get("epoch", 0))
         self.stopped_early = bool(ckpt.get("early_stopping", {}).get("stopped", False))

@@ -279,8 +279,8 @@ class EvaluationReport:
         prob_key = "prob" if "prob" in (rows[0] if rows else {}) else None
         if prob_key:
             ranked = sorted(rows, key=lambda r: -abs(r["label"] - r[prob_key]))[:40]
-            columns: list[str] = [c for c in ("case", "image", "center_x", "center_y", "center_z", "label", "prob", "predicted")
-                       if c in rows[0]]  # fmt: skip
+            wanted = ("case", "image", "center_x", "center_y", "center_z", "label", "prob", "predicted")
+            columns: list[str] = [c for c in wanted if c in rows[0]]
             table = (columns, [[r.get(c) for c in columns] for r in ranked])
             notes = [*notes, "The table lists the 40 cases whose probability is furthest from their label."]
         else:

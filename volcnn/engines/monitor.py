@@ -27,23 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from volcnn.engines.dist import is_rank0
 from volcnn.engines.options import as_bool
 
-__all__ = ["TrainingMonitor", "is_rank0", "progress_bar"]
+__all__ = ["TrainingMonitor", "progress_bar"]
 
 logger = logging.getLogger(__name__)
 
 _SLICE_NAMES = ("axial (D/2)", "coronal (H/2)", "sagittal (W/2)")
-
-
-def is_rank0() -> bool:
-    """``True`` unless ``torch.distributed`` is initialised and this process's rank is not 0."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return True
 
 
 def _as_float(value: Any) -> float | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Randomizable
+from monai.transforms import Randomizable, Transform
 
 __all__ = ["capture_rng", "restore_rng", "transform_random_states"]
 
@@ -52,7 +52,8 @@ def transform_random_states(root: Any) -> list[np.random.RandomState]:
             for item in obj:
                 walk(item, depth + 1)
             return
-        if not hasattr(obj, "__dict__") or not type(obj).__module__.startswith(("monai.transforms", "volcnn")):
+        ours = type(obj).__module__.startswith(("monai.transforms", "volcnn"))
+        if not hasattr(obj, "__dict__") or not (ours or isinstance(obj, Transform | Randomizable)):
             return
         seen_objects.add(id(obj))
         if isinstance(obj, Randomizable):
@@ -88,20 +89,20 @@ def restore_rng(
 
     Raises:
         ValueError: when the transform chain has a different number of random generators than the one saved
-            (the training transforms changed since the checkpoint was written).
+            (the training transforms changed since the checkpoint was written); nothing is restored then.
     """
+    randoms = transform_random_states(transform)
+    saved = state.get("transforms", [])
+    if len(saved) != len(randoms):  # checked first, so a refused snapshot changes no generator
+        raise ValueError(
+            f"the checkpoint holds {len(saved)} random transform states but the training transforms have "
+            f"{len(randoms)}: the augmentation chain changed since it was written"
+        )
     random.setstate(_as_python_state(state["python"]))
     np.random.set_state(_np_state_from_tensor(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state.get("cuda"):
         torch.cuda.set_rng_state_all(state["cuda"])
-    randoms = transform_random_states(transform)
-    saved = state.get("transforms", [])
-    if len(saved) != len(randoms):
-        raise ValueError(
-            f"the checkpoint holds {len(saved)} random transform states but the training transforms have "
-            f"{len(randoms)}: the augmentation chain changed since it was written"
-        )
     for r, s in zip(randoms, saved, strict=True):
         r.set_state(_np_state_from_tensor(s))
     for name, g in (generators or {}).items():

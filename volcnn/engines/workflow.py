@@ -7,23 +7,16 @@ import os
 from typing import Any
 
 import monai
-import torch
 from ignite.engine import Engine
 
 from volcnn.engines.checkpoint import TrainingCheckpointer
+from volcnn.engines.dist import process_rank
 from volcnn.engines.options import as_bool
 from volcnn.engines.trainer import NonFiniteLossError
 
-__all__ = ["seed_everything", "run_training", "process_rank", "quiet_non_rank0"]
+__all__ = ["seed_everything", "run_training", "quiet_non_rank0"]
 
 logger = logging.getLogger(__name__)
-
-
-def process_rank() -> int:
-    """This process's rank under torch.distributed (or torchrun's ``RANK``), 0 when not distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def quiet_non_rank0() -> None:
@@ -48,7 +41,7 @@ def seed_everything(seed: object = 0, deterministic: object = False) -> None:
     s = None if seed is None or str(seed).strip().lower() in ("none", "null", "") else int(str(seed))
     if s is None and det:
         raise ValueError("deterministic: true needs a seed")
-    monai.utils.set_determinism(seed=s, use_deterministic_algorithms=det if det else None)
+    monai.utils.set_determinism(seed=s, use_deterministic_algorithms=det)
     logger.info("seed %s, deterministic algorithms %s", s, "on" if det else "off")
 
 
