@@ -90,10 +90,14 @@ def test_volume_mode_runs_with_run_alias(cohort, tmp_path):
 
 
 def test_dicom_series_datalist_trains(cohort, tmp_path):
+    """Also runs with class-balanced sampling (instead of loss weights)."""
     out = tmp_path / "dcm"
     args = ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort),
-            "--output_dir", str(out), "--datalist", str(cohort / "datalist_dicom.json"), *SMALL]  # fmt: skip
-    _ok(_bundle(args, tmp_path))
+            "--output_dir", str(out), "--datalist", str(cohort / "datalist_dicom.json"), *SMALL,
+            "--sampling", "balanced", "--class_weighting", "none"]  # fmt: skip
+    result = _bundle(args, tmp_path)
+    _ok(result)
+    assert "balanced sampling draws about" in result.stdout + result.stderr
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch0001.pt").is_file()
 
 
@@ -140,3 +144,18 @@ def test_nan_loss_exits_non_zero_and_keeps_the_last_good_checkpoint(cohort, tmp_
     assert sorted(p.name for p in (out / "models").glob("checkpoint_epoch*.pt")) == ["checkpoint_epoch0001.pt"]
     ckpt = torch.load(out / "models" / "checkpoint_epoch0001.pt", map_location="cpu", weights_only=True)
     assert all(torch.isfinite(t).all() for t in ckpt["state"]["model"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_bundle_trains_with_cuda_amp(cohort, tmp_path, dtype):
+    out = tmp_path / dtype
+    args = ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort),
+            "--output_dir", str(out), *SMALL[:-4], "--device", "cuda", "--amp", "true", "--amp_dtype", dtype,
+            "--max_epochs", "2"]  # fmt: skip
+    result = _bundle(args, tmp_path)
+    _ok(result)
+    assert f"training precision: {dtype} autocast on cuda" in result.stdout + result.stderr
+    ckpt = torch.load(out / "models" / "checkpoint_epoch0002.pt", map_location="cpu", weights_only=True)
+    assert ("scaler" in ckpt["state"]) == (dtype == "float16")

@@ -345,3 +345,42 @@ def test_autocast_inferer_disabled_is_plain_fp32():
 def test_autocast_inferer_passes_non_float_outputs_through():
     out = AutocastInferer(amp=True, amp_dtype="bf16")(torch.rand(2, 3), lambda x: x.argmax(dim=1))
     assert out.dtype == torch.int64
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_amp_training_steps(dtype):
+    """On CUDA: fp16 autocast with a GradScaler that keeps its state across runs, or bf16 without one."""
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU without bf16")
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    net = _net(head=True).to(device)
+    trainer = VolcnnTrainer(
+        device=device,
+        max_epochs=2,
+        train_data_loader=_loader(),
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        amp=True,
+        amp_dtype=dtype,
+    )
+    conv_dtypes = _record_dtypes(trainer.network, 0)
+    before = _weights(trainer.network)
+    trainer.run()
+    assert set(conv_dtypes) == {getattr(torch, dtype)}
+    assert not _equal(before, _weights(trainer.network))
+    assert trainer.state.epoch_optimizer_steps > 0
+    if dtype == "float16":
+        assert trainer.scaler is not None and trainer.scaler.is_enabled()
+        scaler = trainer.scaler
+        trainer.state.max_epochs = 3
+        trainer.run()  # continuing keeps the same scaler object (MONAI's Trainer.run would replace it)
+        assert trainer.scaler is scaler
+    else:
+        assert trainer.scaler is None
