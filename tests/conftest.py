@@ -45,3 +45,17 @@ def nifti_factory(tmp_path: Path):
         return str(path)
 
     return make
+
+
+def _determinism_guard():
+    import torch
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+# Bundle runs in process (``seed_everything(deterministic=True)``) switch deterministic algorithms on for the whole
+# process; put the setting back so that one test's (or one module fixture's) mode never changes another's behaviour.
+_restore_torch_determinism = pytest.fixture(autouse=True)(_determinism_guard)
+_restore_torch_determinism_per_module = pytest.fixture(autouse=True, scope="module")(_determinism_guard)

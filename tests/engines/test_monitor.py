@@ -15,9 +15,11 @@ from monai.transforms import Activationsd, AsDiscreted, Compose
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import volcnn.engines.monitor as monitor_mod
+import volcnn.engines.progress as progress_mod
 from volcnn.engines.dist import is_rank0
-from volcnn.engines.monitor import TrainingMonitor, _loss_from_output, _make_patch, progress_bar
+from volcnn.engines.monitor import TrainingMonitor, loss_from_output
+from volcnn.engines.progress import progress_bar
+from volcnn.report.patches import patch_view
 
 LR = 0.1
 BATCH = 4
@@ -274,21 +276,21 @@ def test_lr_per_param_group(tmp_path: Path):
 
 
 def test_loss_and_patch_extraction():
-    assert _loss_from_output([{"loss": 0.5}, {"loss": 0.5}]) == 0.5
-    assert _loss_from_output({"loss": torch.tensor(0.25)}) == 0.25
-    assert _loss_from_output(torch.tensor(1.5)) == 1.5
-    assert _loss_from_output([{"pred": 1}]) is None
-    assert _loss_from_output(None) is None
+    assert loss_from_output([{"loss": 0.5}, {"loss": 0.5}]) == 0.5
+    assert loss_from_output({"loss": torch.tensor(0.25)}) == 0.25
+    assert loss_from_output(torch.tensor(1.5)) == 1.5
+    assert loss_from_output([{"pred": 1}]) is None
+    assert loss_from_output(None) is None
 
     image = torch.zeros(1, 4, 6, 8)
-    onehot = _make_patch({"image": image, "label": torch.tensor([0.0, 1.0]), "pred": torch.tensor([0.27, 0.73])})
+    onehot = patch_view({"image": image, "label": torch.tensor([0.0, 1.0]), "pred": torch.tensor([0.27, 0.73])})
     assert onehot is not None and onehot.title() == "label=1  p=0.73"
     assert [s.shape for s in onehot.slices] == [(6, 8), (4, 8), (4, 6)]
-    scalar = _make_patch({"image": image, "label": torch.tensor([1]), "pred": torch.tensor([0.6, 0.4])})
+    scalar = patch_view({"image": image, "label": torch.tensor([1]), "pred": torch.tensor([0.6, 0.4])})
     assert scalar is not None and scalar.title() == "label=1  p=0.40"
-    multi = _make_patch({"image": image[0], "label": 2, "pred": torch.tensor([0.1, 0.7, 0.2])})
+    multi = patch_view({"image": image[0], "label": 2, "pred": torch.tensor([0.1, 0.7, 0.2])})
     assert multi is not None and multi.title() == "label=2  p=0.70 (class 1)"
-    assert _make_patch({"pred": torch.tensor([0.5, 0.5])}) is None
+    assert patch_view({"pred": torch.tensor([0.5, 0.5])}) is None
 
 
 def test_progress_bar(monkeypatch: pytest.MonkeyPatch):
@@ -303,10 +305,10 @@ def test_progress_bar(monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(ValueError, match="expected a boolean"):
         progress_bar(engine, "sometimes")
 
-    monkeypatch.setattr(monitor_mod, "is_rank0", lambda: False)
+    monkeypatch.setattr(progress_mod, "is_rank0", lambda: False)
     progress_bar(engine, "true")
     assert _n_handlers(engine) == n
-    monkeypatch.setattr(monitor_mod, "is_rank0", lambda: True)
+    monkeypatch.setattr(progress_mod, "is_rank0", lambda: True)
     progress_bar(engine, "true")
     assert _n_handlers(engine) > n
     engine.run([1.0, 2.0, 3.0], max_epochs=2)  # the bar writes to the (captured) stderr

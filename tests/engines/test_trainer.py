@@ -384,3 +384,14 @@ def test_cuda_amp_training_steps(dtype):
         assert trainer.scaler is scaler
     else:
         assert trainer.scaler is None
+
+
+def test_deterministic_mode_turns_cpu_bf16_off(caplog):
+    """oneDNN's bf16 Conv3d weight gradients are not reproducible run to run, so deterministic mode trains in fp32."""
+    torch.use_deterministic_algorithms(True)  # restored by the conftest fixture
+    with caplog.at_level(logging.WARNING):
+        trainer = _trainer(amp=True, amp_dtype="bfloat16")
+    assert not trainer.amp_policy.enabled and "not reproducible" in caplog.text
+    conv_dtypes = _record_dtypes(trainer.network, 0)
+    trainer.run()
+    assert conv_dtypes == [torch.float32] * ITERS

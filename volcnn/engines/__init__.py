@@ -7,8 +7,9 @@ from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, loa
 from volcnn.engines.dist import is_rank0, process_rank
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
-from volcnn.engines.monitor import TrainingMonitor, progress_bar
+from volcnn.engines.monitor import TrainingMonitor
 from volcnn.engines.options import as_bool
+from volcnn.engines.progress import progress_bar
 from volcnn.engines.sampling import make_sampler
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
 from volcnn.engines.workflow import quiet_non_rank0, run_training, seed_everything

@@ -1,4 +1,4 @@
-"""TensorBoard summaries of a training run and a console progress bar, as Ignite handlers.
+"""TensorBoard summaries of a training run as an Ignite handler (the progress bar is in :mod:`volcnn.engines.progress`).
 
 :class:`TrainingMonitor` follows the MONAI handler convention (``handler.attach(trainer)``), so it can be listed in a
 bundle's ``train_handlers``. It writes, on rank 0 only:
@@ -15,14 +15,11 @@ bundle's ``train_handlers``. It writes, on rank 0 only:
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
-import sys
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,13 +27,11 @@ import torch
 from ignite.engine import Engine, Events
 
 from volcnn.engines.dist import is_rank0
-from volcnn.engines.options import as_bool
+from volcnn.report.patches import PatchView, patch_view, render_patch_grid
 
-__all__ = ["TrainingMonitor", "progress_bar"]
+__all__ = ["TrainingMonitor", "loss_from_output"]
 
 logger = logging.getLogger(__name__)
-
-_SLICE_NAMES = ("axial (D/2)", "coronal (H/2)", "sagittal (W/2)")
 
 
 def _as_float(value: Any) -> float | None:
@@ -53,7 +48,7 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
-def _loss_from_output(output: Any) -> float | None:
+def loss_from_output(output: Any) -> float | None:
     """The batch loss from an engine output.
 
     Accepts MONAI's decollated output (a list of per-sample dicts, each holding the batch loss under ``"loss"``), a
@@ -109,94 +104,6 @@ def _per_sample(output: Any) -> list[Mapping[str, Any]]:
     return []
 
 
-@dataclass
-class _Patch:
-    """One validation sample kept for the image summary: three 2-D slices, the label and the predicted probability."""
-
-    slices: tuple[np.ndarray, np.ndarray, np.ndarray]  # (H, W), (D, W), (D, H)
-    label: int | None
-    prob: float | None
-    pred_class: int | None  # set only with more than two classes
-
-    def title(self) -> str:
-        text = f"label={self.label if self.label is not None else '?'}"
-        if self.prob is not None:
-            text += f"  p={self.prob:.2f}"
-            if self.pred_class is not None:
-                text += f" (class {self.pred_class})"
-        return text
-
-
-def _to_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value.detach().as_subclass(torch.Tensor)  # drop MetaTensor metadata
-    if isinstance(value, np.ndarray | np.generic | numbers.Number):
-        return torch.as_tensor(np.asarray(value))
-    return None
-
-
-def _make_patch(sample: Mapping[str, Any]) -> _Patch | None:
-    """Central slices of channel 0 of ``sample["image"]`` (``(C, D, H, W)`` or ``(D, H, W)``), label and probability.
-
-    ``sample["pred"]`` is taken as class probabilities ``(K,)`` (the bundles apply softmax in postprocessing): the
-    probability shown is that of class 1 for ``K == 2``, of the only output for ``K == 1`` and of the predicted class
-    for ``K > 2``. ``sample["label"]`` may be one-hot ``(K,)`` or a scalar / one-element tensor.
-    """
-    image = _to_tensor(sample.get("image"))
-    if image is None or image.ndim not in (3, 4):
-        return None
-    vol = image[0] if image.ndim == 4 else image
-    d, h, w = (int(s) for s in vol.shape)
-    slices = tuple(s.float().cpu().numpy() for s in (vol[d // 2], vol[:, h // 2], vol[:, :, w // 2]))
-
-    label: int | None = None
-    lab = _to_tensor(sample.get("label"))
-    if lab is not None and lab.numel() > 0:
-        label = int(lab.reshape(-1).argmax()) if lab.numel() > 1 else int(round(float(lab.reshape(-1)[0])))
-
-    prob: float | None = None
-    pred_class: int | None = None
-    pred = _to_tensor(sample.get("pred"))
-    if pred is not None and pred.numel() > 0:
-        p = pred.float().reshape(-1).cpu()
-        if p.numel() == 1:
-            prob = float(p[0])
-        elif p.numel() == 2:
-            prob = float(p[1])
-        else:
-            pred_class = int(p.argmax())
-            prob = float(p[pred_class])
-    return _Patch(slices=slices, label=label, prob=prob, pred_class=pred_class)  # type: ignore[arg-type]
-
-
-def _render_patch_grid(patches: Sequence[_Patch], dpi: int = 80) -> np.ndarray:
-    """Draw the patches as a grid (one row per sample, three slice columns) and return it as a ``(3, H, W)`` uint8.
-
-    Uses ``matplotlib.figure.Figure`` with an Agg canvas: no pyplot, no change of the global backend. Slices are
-    shown with a grey colormap over ``[0, 1]`` (the inputs are windowed to that range).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = len(patches)
-    fig = Figure(figsize=(6.0, 2.2 * n), dpi=dpi, layout="constrained")
-    canvas = FigureCanvasAgg(fig)
-    subfigs = fig.subfigures(n, 1, squeeze=False)
-    for row, patch in enumerate(patches):
-        sub = subfigs[row, 0]
-        sub.suptitle(patch.title(), fontsize=10)
-        axes = sub.subplots(1, 3, squeeze=False)[0]
-        for col, (ax, img) in enumerate(zip(axes, patch.slices, strict=True)):
-            ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(_SLICE_NAMES[col], fontsize=8)
-    canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())
-    return np.ascontiguousarray(rgba[..., :3].transpose(2, 0, 1))
-
-
 class TrainingMonitor:
     """Write TensorBoard summaries of a MONAI / Ignite training run (see the module docstring for the tags).
 
@@ -246,7 +153,7 @@ class TrainingMonitor:
         self._epoch_lrs: list[float] = []
         # per-run accumulators (validator)
         self._val_start: float | None = None
-        self._patches: list[_Patch] = []
+        self._patches: list[PatchView] = []
 
     # ------------------------------------------------------------------ writer
     @property
@@ -326,7 +233,7 @@ class TrainingMonitor:
             self._samples_known = False
         else:
             self._epoch_samples += n
-        loss = _loss_from_output(engine.state.output)
+        loss = loss_from_output(engine.state.output)
         if loss is None:
             return
         self._epoch_losses.append(loss)
@@ -397,7 +304,7 @@ class TrainingMonitor:
         for sample in _per_sample(engine.state.output):
             if len(self._patches) >= self.num_images:
                 break
-            patch = _make_patch(sample)
+            patch = patch_view(sample)
             if patch is not None:
                 self._patches.append(patch)
 
@@ -409,7 +316,7 @@ class TrainingMonitor:
             self._scalar("val/time_s", time.perf_counter() - self._val_start, step)
         if self._patches and step % self.image_interval == 0:
             try:
-                image = _render_patch_grid(self._patches)
+                image = render_patch_grid(self._patches)
             except Exception:  # a figure must never stop training
                 logger.exception("rendering the validation patch grid failed")
             else:
@@ -417,40 +324,3 @@ class TrainingMonitor:
                 self.writer.add_image("val/patches", image, step, dataformats="CHW")
         self._patches = []
         self.flush()
-
-
-def _parse_enabled(enabled: bool | str) -> bool:
-    if isinstance(enabled, str) and enabled.strip().lower() == "auto":
-        stream = sys.stderr
-        return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
-    return as_bool(enabled)
-
-
-def _running_loss(alpha: float = 0.98) -> Callable[[Any], dict[str, float]]:
-    """Output transform for the progress bar: exponential moving average of the batch loss (as Ignite's
-    ``RunningAverage``), kept in the closure so that no metric is added to ``engine.state.metrics``."""
-    state: dict[str, float] = {}
-
-    def transform(output: Any) -> dict[str, float]:
-        loss = _loss_from_output(output)
-        if loss is None or not math.isfinite(loss):
-            return {"loss": state["loss"]} if "loss" in state else {}
-        state["loss"] = loss if "loss" not in state else alpha * state["loss"] + (1 - alpha) * loss
-        return {"loss": state["loss"]}
-
-    return transform
-
-
-def progress_bar(trainer: Engine, enabled: bool | str = "auto") -> None:
-    """Attach Ignite's ``ProgressBar`` (``persist=False``) with the running loss to ``trainer``.
-
-    Args:
-        trainer: the training engine.
-        enabled: ``True``/``False``, or the strings ``"true"``/``"false"`` (bundle command-line overrides) or
-            ``"auto"``: on when ``sys.stderr`` is a terminal. Never attached on a rank other than 0.
-    """
-    if not _parse_enabled(enabled) or not is_rank0():
-        return
-    from ignite.handlers.tqdm_logger import ProgressBar
-
-    ProgressBar(persist=False).attach(trainer, output_transform=_running_loss())

@@ -44,7 +44,8 @@ class VolcnnTrainer(SupervisedTrainer):
     Differences from MONAI:
 
     - autocast on CPU (bf16) as well as CUDA, with the dtype chosen per device; the network output is cast
-      to float32 before the loss;
+      to float32 before the loss. In deterministic mode (``torch.use_deterministic_algorithms(True)``) CPU
+      autocast is turned off, because oneDNN's bf16 convolution weight gradients are not reproducible;
     - one ``GradScaler`` (``self.scaler``) for the whole life of the trainer, so a checkpoint can carry its
       state; MONAI replaces it at every ``run()``;
     - a NaN/Inf loss raises :class:`NonFiniteLossError` naming the epoch and iteration, before ``backward``;
@@ -55,6 +56,16 @@ class VolcnnTrainer(SupervisedTrainer):
     def __init__(self, *args: Any, amp: object = False, amp_dtype: object = "auto", **kwargs: Any) -> None:
         super().__init__(*args, amp=False, **kwargs)  # type: ignore[misc]
         self.amp_policy: AmpPolicy = resolve_amp(amp, amp_dtype, self.state.device)
+        if (
+            self.amp_policy.device_type == "cpu"
+            and self.amp_policy.enabled
+            and torch.are_deterministic_algorithms_enabled()
+        ):
+            # measured with torch 2.13: oneDNN's bf16 Conv3d weight gradients differ from run to run for some layer
+            # shapes (e.g. resnet10's layer3), even on one thread, so bf16 training on CPU is not reproducible
+            logger.warning("deterministic mode: bf16 autocast on CPU is not reproducible (oneDNN weight gradients); "
+                           "training in fp32")  # fmt: skip
+            self.amp_policy = AmpPolicy("cpu", None)
         self.amp = self.amp_policy.enabled
         self.scaler = self.amp_policy.make_scaler()  # type: ignore[assignment]
         self.state.optimizer_stepped = False
