@@ -116,6 +116,34 @@ def _cmd_networks(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_findings_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``evaluate-findings`` arguments to ``parser`` (a subcommand parser or a standalone one)."""
+    parser.add_argument("findings_dir", metavar="FINDINGS_DIR", help="'volcnn infer' output: <case>/findings.json")
+    parser.add_argument(
+        "--annotations",
+        required=True,
+        metavar="CSV",
+        help="nodules: LUNA16 annotations.csv (seriesuid,coordX,coordY,coordZ,diameter_mm; LPS) or nodules.csv (RAS)",
+    )
+    parser.add_argument("--excluded", default=None, metavar="CSV", help="irrelevant annotations (findings ignored)")
+    parser.add_argument(
+        "--coords",
+        choices=("auto", "lps", "ras"),
+        default="auto",
+        help="coordinate convention of the CSVs (auto: from the header)",
+    )
+    parser.add_argument("--out", default=None, metavar="DIR", help="where froc.json and froc.png go (FINDINGS_DIR)")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% CIs")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    return parser
+
+
+def _cmd_evaluate_findings(args: argparse.Namespace) -> int:
+    from volcnn.inference.evaluate_findings import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``volcnn`` and its subcommands."""
     parser = argparse.ArgumentParser(prog="volcnn", description="3D CT classification with MONAI: data, inference.")
@@ -147,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha) files, or DICOM series folders",
     )
     p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser(
+        "evaluate-findings", help="FROC and CPM (LUNA16 style) of 'volcnn infer' findings against annotations"
+    )
+    add_evaluate_findings_arguments(p)
+    p.set_defaults(func=_cmd_evaluate_findings)
 
     p = sub.add_parser("ingest", help="validate scans and convert them to NIfTI with a manifest (DICOM, NIfTI, .mhd)")
     p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders, walked for series and volumes")

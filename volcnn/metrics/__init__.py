@@ -20,9 +20,13 @@ from .classification import (
     threshold_for_sensitivity,
     youden_threshold,
 )
+from .froc import LUNA16_FP_RATES, froc, sensitivity_at
 from .report import classification_report
 
 __all__ = [
+    "LUNA16_FP_RATES",
+    "froc",
+    "sensitivity_at",
     "binary_metrics",
     "bootstrap_ci",
     "classification_report",

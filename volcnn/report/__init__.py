@@ -7,6 +7,7 @@ canvas directly, so the caller's global backend is never touched; every file is 
 
 from __future__ import annotations
 
+from volcnn.report.froc_plot import plot_froc
 from volcnn.report.html import write_report_html
 from volcnn.report.patches import PatchView, patch_view, render_patch_grid
 from volcnn.report.plots import plot_calibration, plot_confusion, plot_roc
@@ -15,6 +16,7 @@ from volcnn.report.predictions import write_predictions_csv
 __all__ = [
     "PatchView",
     "patch_view",
+    "plot_froc",
     "plot_calibration",
     "plot_confusion",
     "plot_roc",
