@@ -1,0 +1,52 @@
+"""Explanations of findings: Grad-CAM / Grad-CAM++ / occlusion saliency on the classifier's patch, written on the
+input's own grid (NIfTI) and as a PNG of three orthogonal slices.
+
+Typical use, for the top findings of one case::
+
+    from volcnn.explain import explain_findings
+
+    explain_findings("scan.nii.gz", runner.network, runner, doc["findings"], "out/scan", top=3)
+"""
+
+from __future__ import annotations
+
+from volcnn.explain.cam import (
+    EXPLAIN_METHODS,
+    MIN_CAM_GRID,
+    PADDING_MODES,
+    Explainer,
+    Explanation,
+    candidate_layers,
+    crop_patch,
+    default_target_layer,
+    explain_finding,
+    log_odds,
+)
+from volcnn.explain.output import (
+    METHOD_LABELS,
+    explain_findings,
+    paste_to_grid,
+    preprocess_volume,
+    write_explanation,
+)
+from volcnn.explain.render import render_explanation_png, to_ras
+
+__all__ = [
+    "EXPLAIN_METHODS",
+    "METHOD_LABELS",
+    "MIN_CAM_GRID",
+    "PADDING_MODES",
+    "Explainer",
+    "Explanation",
+    "candidate_layers",
+    "crop_patch",
+    "default_target_layer",
+    "explain_finding",
+    "explain_findings",
+    "log_odds",
+    "paste_to_grid",
+    "preprocess_volume",
+    "render_explanation_png",
+    "to_ras",
+    "write_explanation",
+]
