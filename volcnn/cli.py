@@ -138,6 +138,20 @@ def add_evaluate_findings_arguments(parser: argparse.ArgumentParser) -> argparse
     return parser
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from volcnn.bundle import export_bundle
+
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    try:
+        written = export_bundle(args.bundle, formats=formats, ckpt=args.ckpt)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"volcnn export: {e}", file=sys.stderr)
+        return 1
+    for fmt, path in written.items():
+        print(f"{fmt}: {path}")
+    return 0
+
+
 def _cmd_evaluate_findings(args: argparse.Namespace) -> int:
     from volcnn.inference.evaluate_findings import run
 
@@ -181,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_evaluate_findings_arguments(p)
     p.set_defaults(func=_cmd_evaluate_findings)
+
+    p = sub.add_parser(
+        "export", help="export a trained bundle to TorchScript (models/model.ts) and ONNX (models/model.onnx)"
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder with models/model.pt")
+    p.add_argument("--formats", default="ts,onnx", help="comma-separated: ts, onnx (default: both)")
+    p.add_argument("--ckpt", default=None, help="weights to export (default: BUNDLE/models/model.pt)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("ingest", help="validate scans and convert them to NIfTI with a manifest (DICOM, NIfTI, .mhd)")
     p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders, walked for series and volumes")

@@ -1,0 +1,310 @@
+"""Exporting a bundle's trained network to TorchScript (``models/model.ts``) and ONNX (``models/model.onnx``).
+
+Each file carries the settings needed to run it without the bundle (patch size, voxel size, HU window, classes,
+network, bundle version, sha256 of the source ``model.pt``); see :mod:`volcnn.inference.exported`, whose
+:func:`~volcnn.inference.load_exported` reads them back:
+
+* ``model.ts`` is written by MONAI's ``ckpt_export`` (scripted, or traced where scripting fails), as
+  :func:`~volcnn.bundle.check_export` does; its extra files are the bundle's ``metadata.json``, here with the
+  description added under ``"volcnn"``, and ``inference.json``.
+* ``model.onnx`` holds the network in eval mode for input ``(B, C, *patch_size)`` with a dynamic batch axis
+  (input ``image``, output ``logits``), exported by torch's dynamo exporter or, where that fails, by the
+  TorchScript-based one. The description, ``metadata.json`` and ``inference.json`` are ``metadata_props``.
+
+Every file is written to a temporary name, loaded back and compared with the eager network (softmax
+probabilities within ``atol`` on a random batch in [0, 1]) before it replaces the previous export.
+
+Example:
+    >>> from volcnn.bundle import export_bundle  # doctest: +SKIP
+    >>> export_bundle("bundles/lung_nodule_ct_classification")  # doctest: +SKIP
+    {'ts': PosixPath('.../models/model.ts'), 'onnx': PosixPath('.../models/model.onnx')}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from volcnn.bundle.verify import _ckpt_key, _overrides, _parser
+from volcnn.inference.exported import (
+    CONFIG_FILE,
+    META_FILE,
+    METADATA_KEY,
+    describe_bundle,
+    load_exported,
+)
+from volcnn.inference.runner import file_sha256, load_checkpoint
+from volcnn.io.atomic import atomic_path, atomic_write_json
+
+__all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "export_bundle", "export_onnx", "export_torchscript"]
+
+logger = logging.getLogger(__name__)
+
+#: formats :func:`export_bundle` writes, and their files under ``models/``
+EXPORT_FORMATS = {"ts": "model.ts", "onnx": "model.onnx"}
+#: ONNX opset of the export (the dynamo exporter's own default is 18)
+ONNX_OPSET = 18
+
+
+def _versions() -> dict[str, str]:
+    import monai
+
+    import volcnn
+
+    return {
+        "torch_version": torch.__version__,
+        "monai_version": monai.__version__,
+        "volcnn_version": volcnn.__version__,
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the dynamo exporter's and its optimiser's INFO logs and notices out of the caller's log."""
+    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _check_parity(path: Path, network: nn.Module, description: dict[str, Any], atol: float) -> float:
+    """Max |softmax(eager) - softmax(exported)| on a random batch of 2; raises ValueError beyond ``atol``."""
+    exported, _ = load_exported(path)
+    shape = (2, int(description["in_channels"]), *description["patch_size"])
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        p_ref = torch.softmax(network.eval()(x).float(), dim=1)
+        p_exp = torch.softmax(exported(x).float(), dim=1)
+    if p_exp.shape != p_ref.shape:
+        raise ValueError(f"{path}: exported output shape {tuple(p_exp.shape)}, eager {tuple(p_ref.shape)}")
+    diff = float((p_ref - p_exp).abs().max())
+    if not diff <= atol:
+        raise ValueError(f"{path}: exported probabilities differ from eager by {diff:.3g} > atol {atol:g}")
+    return diff
+
+
+def export_torchscript(
+    bundle_dir: Path,
+    ckpt: Path,
+    dest: Path,
+    description: dict[str, Any],
+    *,
+    net_id: str = "network",
+    input_shape: Sequence[int],
+) -> str:
+    """Write ``dest`` with MONAI's ``ckpt_export``: scripted, or traced with ``input_shape`` when scripting fails.
+
+    The bundle's ``configs/metadata.json`` (plus ``description`` under ``"volcnn"``) and ``configs/inference.json``
+    are stored as extra files.
+
+    Returns:
+        ``"script"`` or ``"trace"``, the conversion used.
+    """
+    from monai.bundle import ckpt_export
+
+    meta: dict[str, Any] = json.loads((bundle_dir / "configs" / META_FILE).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="volcnn-export-") as tmp:
+        meta_file = Path(tmp) / META_FILE  # the bundle's metadata with the description: ckpt_export stores it as is
+
+        overrides: dict[str, Any] = dict(_overrides(bundle_dir, "cpu"))
+
+        def run(use_trace: bool) -> None:
+            exporter = "torchscript-trace" if use_trace else "torchscript-script"
+            atomic_write_json(meta_file, {**meta, METADATA_KEY: {**description, "exporter": exporter}})
+            ckpt_export(
+                net_id=net_id,
+                filepath=str(dest),
+                ckpt_file=str(ckpt),
+                meta_file=str(meta_file),
+                config_file=str(bundle_dir / "configs" / CONFIG_FILE),
+                key_in_ckpt=_ckpt_key(ckpt),
+                use_trace=use_trace,
+                input_shape=list(input_shape) if use_trace else None,
+                **overrides,
+            )
+
+        try:
+            run(use_trace=False)
+        except Exception as err:
+            logger.warning("torch.jit.script failed (%s); retrying with torch.jit.trace", _first_line(err))
+            with warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore", torch.jit.TracerWarning
+                )  # shape checks frozen: the loader checks shapes
+                run(use_trace=True)
+            return "trace"
+    return "script"
+
+
+def export_onnx(
+    network: nn.Module,
+    dest: Path,
+    description: dict[str, Any],
+    *,
+    config: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    opset: int = ONNX_OPSET,
+) -> str:
+    """Write ``network`` (eval mode, CPU) to ``dest`` as ONNX with a dynamic batch axis and the settings embedded.
+
+    The dynamo exporter (``torch.onnx.export(..., dynamo=True)``) is tried first; where it fails, the
+    TorchScript-based exporter (``dynamo=False``) is used, and the warning says why.
+
+    Args:
+        network: ``(B, C, *patch_size)`` -> logits ``(B, K)``.
+        dest: the ``.onnx`` file (written in place; the caller makes it atomic).
+        description: stored as JSON under ``metadata_props["volcnn"]``, with ``exporter`` and ``opset`` added.
+        config: the bundle's inference config, stored as ``metadata_props["inference.json"]``.
+        meta: the bundle's metadata, stored as ``metadata_props["metadata.json"]``.
+        opset: ONNX opset (>= 17).
+
+    Returns:
+        ``"dynamo"`` or ``"torchscript"``, the exporter used.
+    """
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    network = network.eval().cpu()
+    x = torch.rand(2, int(description["in_channels"]), *description["patch_size"])  # batch 2: not specialised to 1
+    exporter = "dynamo"
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                network,
+                (x,),
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                verbose=False,
+            )
+        if program is None:
+            raise RuntimeError("torch.onnx.export returned no ONNXProgram")
+        model = program.model_proto
+    except Exception as err:
+        logger.warning("dynamo ONNX export failed (%s); using the TorchScript-based exporter", _first_line(err))
+        exporter = "torchscript"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its deprecation notice, and TracerWarnings about shape checks
+            torch.onnx.export(
+                network,
+                (x,),
+                str(dest),
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        model = onnx.load_model(str(dest))
+    props = {
+        METADATA_KEY: json.dumps({**description, "exporter": f"onnx-{exporter}", "opset": opset}),
+        META_FILE: json.dumps(meta or {}),
+        CONFIG_FILE: json.dumps(config or {}),
+    }
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = f"{description.get('bundle_name')} {description.get('bundle_version')} (volcnn export)"
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(dest))
+    return exporter
+
+
+def export_bundle(
+    bundle_dir: str | os.PathLike[str],
+    *,
+    formats: Sequence[str] = ("ts", "onnx"),
+    ckpt: str | os.PathLike[str] | None = None,
+    net_id: str = "network",
+    opset: int = ONNX_OPSET,
+    atol: float = 1e-4,
+) -> dict[str, Path]:
+    """Export the bundle's trained network to ``models/model.ts`` and/or ``models/model.onnx``.
+
+    Args:
+        bundle_dir: the bundle root (``configs/inference.json``, ``configs/metadata.json``).
+        formats: any of ``"ts"``, ``"onnx"``.
+        ckpt: the state dict to export (plain or nested under ``network`` / ``model`` / ``net``); defaults to
+            ``models/model.pt``. Loaded with ``weights_only=True``.
+        net_id: config id of the instantiated network.
+        opset: ONNX opset.
+        atol: largest allowed difference between the exported and the eager softmax probabilities.
+
+    Returns:
+        ``{format: path}`` of the files written.
+
+    Raises:
+        FileNotFoundError: naming the bundle config or checkpoint when missing.
+        ValueError: for an unknown format or an opset below 17, or an export whose outputs differ from eager (the
+            previous file is kept).
+    """
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {sorted(EXPORT_FORMATS)}")
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    root = Path(bundle_dir).resolve()
+    config_file, meta_file = root / "configs" / CONFIG_FILE, root / "configs" / META_FILE
+    for needed in (config_file, meta_file):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed}: not found; {root} is not a bundle")
+    ckpt_path = root / "models" / "model.pt" if ckpt is None else Path(ckpt).resolve()
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found; train the bundle or pass ckpt")
+
+    parser = _parser(root, config_file, meta_file, "cpu")
+    network = load_checkpoint(parser.get_parsed_content(net_id, instantiate=True), ckpt_path, "cpu")
+    description = {
+        **describe_bundle(parser),
+        "source_model": ckpt_path.name,
+        "source_sha256": file_sha256(ckpt_path),
+        **_versions(),
+    }
+    input_shape = [1, int(description["in_channels"]), *description["patch_size"]]
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+
+    writers: dict[str, Callable[[Path], str]] = {
+        "ts": lambda tmp: export_torchscript(root, ckpt_path, tmp, description, net_id=net_id, input_shape=input_shape),
+        "onnx": lambda tmp: export_onnx(network, tmp, description, config=config, meta=meta, opset=opset),
+    }
+    written: dict[str, Path] = {}
+    for fmt in dict.fromkeys(formats):
+        dest = root / "models" / EXPORT_FORMATS[fmt]
+        start = time.perf_counter()
+        with atomic_path(dest) as tmp:
+            how = writers[fmt](tmp)
+            diff = _check_parity(tmp, network, description, atol)
+        logger.info(
+            "exported %s to %s (%s, %.1f s, %.1f MB); max |p_eager - p_%s| = %.1e",
+            *(ckpt_path.name, dest, how, time.perf_counter() - start, dest.stat().st_size / 1e6, fmt, diff),
+        )
+        written[fmt] = dest
+    return written
