@@ -1,4 +1,5 @@
-"""Heat-map geometry (window centring, grid, affine), resampling onto the input grid, peaks and scores."""
+"""Heat-map geometry (window centring, grid, affine) for both methods, resampling onto the input grid, peaks and
+scores."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from monai.data import MetaTensor
 
 from tests.conftest import make_affine
 from tests.inference import GEOMETRIES, NODULE_RAS, BlobNet, CentreVoxelNet, nodule_scan, rotation_z
+from tests.inference.dense_nets import DenseBlobNet, DenseCentreVoxelNet
 from volcnn.inference import (
     classifier_heatmap,
+    dense_heatmap,
     find_peaks,
     heatmap_grid,
     resample_to_grid,
@@ -18,6 +21,20 @@ from volcnn.inference import (
     volume_score,
 )
 from volcnn.transforms import volume_transforms, voxel_to_world
+
+
+def _heatmap(method, volume, patch, net_kind="centre", **kwargs):
+    """The heat map of ``volume`` by ``method`` with the hand-made net of ``net_kind`` (its dense twin for "dense")."""
+    if method == "window":
+        net = CentreVoxelNet(patch) if net_kind == "centre" else BlobNet(patch)
+        kwargs.setdefault("skip_air", False)
+        return classifier_heatmap(volume, net, patch, batch_size=500, **kwargs)
+    kwargs.pop("skip_air", None)
+    net = DenseCentreVoxelNet(patch) if net_kind == "centre" else DenseBlobNet(patch)
+    return dense_heatmap(volume, net, patch, **kwargs)
+
+
+METHODS = ["window", "dense"]
 
 
 def _meta(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
@@ -37,16 +54,15 @@ def test_grid_covers_the_volume_from_voxel_zero():
     assert stride_from_mm(1.0, (3.0, 3.0, 3.0)) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("patch", [(8, 6, 5), (7, 7, 7), (4, 4, 4)])
-def test_window_centre_is_voxel_size_over_2(patch):
+def test_window_centre_is_voxel_size_over_2(patch, method):
     """At stride 1 the heat map peaks exactly on the bright voxel, also next to the border (padding)."""
     aff = make_affine((0.8, 1.0, 2.0), (-1, 1, 1), origin=(5.0, -3.0, 7.0))
     for bright in [(7, 11, 5), (0, 0, 0), (19, 15, 9)]:
         vol = np.zeros((20, 16, 10), dtype=np.float32)
         vol[bright] = 1.0
-        heat, heat_aff = classifier_heatmap(
-            _meta(vol, aff), CentreVoxelNet(patch), patch, stride_vox=1, batch_size=500, skip_air=False
-        )
+        heat, heat_aff = _heatmap(method, _meta(vol, aff), patch, stride_vox=1)
         assert heat.shape == vol.shape and heat.dtype == np.float32
         np.testing.assert_allclose(heat_aff, aff)
         assert np.unravel_index(np.argmax(heat), heat.shape) == bright
@@ -54,14 +70,15 @@ def test_window_centre_is_voxel_size_over_2(patch):
         assert np.sort(heat.ravel())[-2] < 0.01
 
 
-def test_heat_affine_scales_by_stride():
+@pytest.mark.parametrize("method", METHODS)
+def test_heat_affine_scales_by_stride(method):
     aff = rotation_z(30.0) @ make_affine((0.7, 0.7, 1.5), origin=(1.0, 2.0, 3.0))
     vol = np.full((21, 17, 9), 0.5, dtype=np.float32)
-    heat, heat_aff = classifier_heatmap(_meta(vol, aff), CentreVoxelNet((4, 4, 4)), (4, 4, 4), stride_vox=(4, 3, 2))
+    heat, heat_aff = _heatmap(method, _meta(vol, aff), (4, 4, 4), stride_vox=(4, 3, 2))
     assert heat.shape == (6, 7, 5)
     np.testing.assert_allclose(heat_aff, aff @ np.diag([4.0, 3.0, 2.0, 1.0]))
     # default: stride_mm 4.0 at 0.7/0.7/1.5 mm -> (6, 6, 3) voxels
-    _, heat_aff = classifier_heatmap(_meta(vol, aff), CentreVoxelNet((4, 4, 4)), (4, 4, 4))
+    _, heat_aff = _heatmap(method, _meta(vol, aff), (4, 4, 4))
     np.testing.assert_allclose(heat_aff, aff @ np.diag([6.0, 6.0, 3.0, 1.0]))
 
 
@@ -84,22 +101,35 @@ def test_air_windows_and_masked_windows_are_skipped():
     assert sum(calls) == vol.size
 
 
-def test_network_mode_is_restored():
-    net = BlobNet((4, 4, 4)).train()
-    classifier_heatmap(_meta(np.ones((6, 6, 6)), np.eye(4)), net, (4, 4, 4), stride_vox=2)
+@pytest.mark.parametrize("method", METHODS)
+def test_network_mode_is_restored(method):
+    net = (BlobNet if method == "window" else DenseBlobNet)((4, 4, 4)).train()
+    run = classifier_heatmap if method == "window" else dense_heatmap
+    run(_meta(np.ones((6, 6, 6)), np.eye(4)), net, (4, 4, 4), stride_vox=2)
     assert net.training
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
-def test_heatmap_peak_at_planted_nodule(name, nifti_factory):
+def test_heatmap_peak_at_planted_nodule(name, method, nifti_factory):
     """Preprocessing as in training, then the heat map: its maximum is at the nodule in world mm."""
     shape, aff = GEOMETRIES[name]
     path = nifti_factory(f"{name}.nii.gz", nodule_scan(shape, aff), aff)  # through the reader and the chain
     image = volume_transforms("image", (2.0, 2.0, 2.0))({"image": path})["image"]
-    heat, heat_aff = classifier_heatmap(image, BlobNet((12, 12, 12)), (12, 12, 12), batch_size=256, stride_mm=4.0)
+    heat, heat_aff = _heatmap(method, image, (12, 12, 12), "blob", stride_mm=4.0, skip_air=True)
     peak = np.unravel_index(np.argmax(heat), heat.shape)
     assert heat[peak] > 0.9
     assert np.linalg.norm(voxel_to_world(heat_aff, peak) - NODULE_RAS) <= 4.0 * np.sqrt(3) / 2 + 2.0
+
+
+def test_window_and_dense_maps_agree_on_a_scan():
+    """The two methods on the same preprocessed scan and grid, with a net that pads nothing: the same map."""
+    shape, aff = GEOMETRIES["oblique"]
+    image = _meta(np.clip((nodule_scan(shape, aff) + 1000.0) / 1400.0, 0, 1), aff)
+    window, window_aff = _heatmap("window", image, (12, 12, 12), "blob", stride_vox=3)
+    dense, dense_aff = _heatmap("dense", image, (12, 12, 12), "blob", stride_vox=3)
+    np.testing.assert_allclose(dense_aff, window_aff)
+    assert np.abs(dense - window).max() < 1e-5 and window.max() > 0.9
 
 
 def _world_grid(shape, affine):

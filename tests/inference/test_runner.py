@@ -1,4 +1,5 @@
-"""The batch runner: per-case heat map and findings on the input's own grid, summary, failures, the bundle path."""
+"""The batch runner: per-case heat map and findings on the input's own grid (both heat-map methods), summary,
+failures, the dense method's check and fallback, resuming an interrupted batch, the bundle path."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from tests.conftest import make_affine
 from tests.inference import GEOMETRIES, NODULE_RAS, BlobNet, nodule_scan
+from tests.inference.dense_nets import DenseBlobNet, padding_sensitive_net
 from volcnn.inference import InferenceRunner, case_name, infer_main, load_bundle_runner
 from volcnn.io import write_nifti
 from volcnn.networks import create_network
@@ -45,10 +47,13 @@ def _write_bad_inputs(folder: Path) -> dict[str, Path]:
     return {"truncated": truncated, "flat": flat, "missing": folder / "missing.nii.gz"}
 
 
-@pytest.fixture(scope="module")
-def batch(tmp_path_factory):
-    """One runner pass over the four geometries, three bad inputs and a case-name clash."""
-    root = tmp_path_factory.mktemp("runner")
+@pytest.fixture(scope="module", params=["window", "dense"])
+def batch(request, tmp_path_factory):
+    """One runner pass over the four geometries, three bad inputs and a case-name clash, per heat-map method: window
+    by window with :class:`BlobNet` (which cannot be split: ``auto`` picks the window method), densely with its
+    pooling twin (inside the body mask, which for these lung-only scans holds the nodule)."""
+    method = request.param
+    root = tmp_path_factory.mktemp(f"runner_{method}")
     inputs: dict[str, Path] = {}
     for name, (shape, aff) in GEOMETRIES.items():
         inputs[name] = root / "in" / f"{name}.nii.gz"
@@ -59,7 +64,7 @@ def batch(tmp_path_factory):
     write_nifti(clash, nodule_scan(shape, aff), aff)
     order = ["ras", "truncated", "lps", "flat", "permuted", "missing", "oblique"]
     runner = InferenceRunner(
-        BlobNet(PATCH),
+        BlobNet(PATCH) if method == "window" else DenseBlobNet(PATCH),
         patch_size=PATCH,
         pixdim=(2.0, 2.0, 2.0),
         stride_mm=4.0,
@@ -68,9 +73,10 @@ def batch(tmp_path_factory):
         model_info={"name": "blob", "version": "0", "sha256": "abc"},
         progress=False,
     )
+    assert runner._split is None if method == "window" else runner._split is not None
     out = root / "out"
     result = runner.run([str(inputs[k]) for k in order] + [str(clash)], out)
-    return {"inputs": inputs, "out": out, "result": result}
+    return {"inputs": inputs, "out": out, "result": result, "method": method}
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
@@ -96,13 +102,21 @@ def test_findings_report_the_nodule_in_world_and_input_voxels(batch, name):
         "case",
         "score",
         "score_method",
+        "max_probability",
         "findings",
         "model",
         "input_sha256",
         "stride_mm",
         "threshold",
+        "heatmap",
+        "settings",
     }
     assert doc["case"] == name and doc["score_method"] == "max"
+    assert doc["heatmap"]["method"] == batch["method"] and doc["heatmap"]["grid_step_vox"] == [2, 2, 2]
+    if batch["method"] == "dense":
+        assert doc["heatmap"]["check"]["max_abs_diff"] < 1e-4 and doc["heatmap"]["check"]["points"] > 0
+    assert doc["settings"]["method"] == "auto" and doc["settings"]["patch_size"] == list(PATCH)
+    assert doc["max_probability"] == pytest.approx(doc["score"], abs=1e-4)
     assert doc["model"] == {"name": "blob", "version": "0", "sha256": "abc"}
     assert doc["input_sha256"] == _sha256(batch["inputs"][name])
     assert doc["stride_mm"] == 4.0 and doc["threshold"] == 0.5
@@ -133,6 +147,7 @@ def test_batch_goes_on_past_bad_inputs(batch):
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["n_findings"] == "1" and float(r["score"]) > 0.9 for r in ok)
     assert [p["case"] for p in result["processed"]] == ["ras", "lps", "permuted", "oblique", "ras-2"]
+    assert result["skipped"] == []
     assert (out / "ras-2" / "heatmap.nii.gz").exists()  # same name from another folder: not overwritten
 
 
@@ -141,6 +156,69 @@ def test_case_names():
     assert case_name("scan.v2.nii") == "scan.v2"
     assert case_name("/data/dicom/series 7/") == "series_7"
     assert case_name("..") not in ("", ".", "..")
+
+
+def _scan(folder: Path, name: str = "ras") -> Path:
+    shape, aff = GEOMETRIES[name]
+    path = folder / f"{name}.nii.gz"
+    write_nifti(path, nodule_scan(shape, aff), aff)
+    return path
+
+
+def _runner(network, **kwargs) -> InferenceRunner:
+    options = {"patch_size": PATCH, "pixdim": (2.0, 2.0, 2.0), "device": "cpu", "progress": False}
+    options.update(kwargs)
+    return InferenceRunner(network, **{"model_info": {"sha256": "abc"}, **options})
+
+
+def test_auto_falls_back_to_windows_when_the_dense_map_disagrees(tmp_path, caplog):
+    """A network that depends on its patches' zero padding: the check catches it; ``auto`` recomputes the map window
+    by window, ``dense`` keeps the dense map; both say so in the log and in findings.json."""
+    path = _scan(tmp_path)
+    caplog.set_level(logging.WARNING)
+    auto = _runner(padding_sensitive_net(offset=0.12), skip_air=False)
+    auto.run([str(path)], tmp_path / "auto")
+    doc = json.loads((tmp_path / "auto" / "ras" / "findings.json").read_text())
+    assert doc["heatmap"]["method"] == "window" and doc["heatmap"]["dense_check"]["max_abs_diff"] > 0.05
+    assert "using the window method" in caplog.text
+    caplog.clear()
+    _runner(padding_sensitive_net(offset=0.12), skip_air=False, method="dense").run([str(path)], tmp_path / "dense")
+    doc = json.loads((tmp_path / "dense" / "ras" / "findings.json").read_text())
+    assert doc["heatmap"]["method"] == "dense" and doc["heatmap"]["check"]["max_abs_diff"] > 0.05
+    assert "keeping the dense map" in caplog.text
+
+
+def test_method_choice(caplog):
+    caplog.set_level(logging.INFO)
+    assert _runner(BlobNet(PATCH))._split is None
+    assert "window by window" in caplog.text and "BlobNet cannot be evaluated densely" in caplog.text
+    with pytest.raises(ValueError, match="method 'dense'"):
+        _runner(BlobNet(PATCH), method="dense")
+    with pytest.raises(ValueError, match="unknown heat-map method"):
+        _runner(BlobNet(PATCH), method="fast")
+    assert _runner(DenseBlobNet(PATCH), method="window")._split is None
+    assert _runner(DenseBlobNet(PATCH))._split is not None
+
+
+def test_done_cases_are_skipped_only_when_input_model_and_settings_match(tmp_path, caplog):
+    path = _scan(tmp_path)
+    out = tmp_path / "out"
+    first = _runner(DenseBlobNet(PATCH)).run([str(path)], out)
+    findings = out / "ras" / "findings.json"
+    stamp = findings.stat().st_mtime_ns
+    caplog.set_level(logging.INFO)
+    again = _runner(DenseBlobNet(PATCH)).run([str(path)], out)
+    assert again["skipped"] == ["ras"] and "ras: skipped (done)" in caplog.text
+    assert again["processed"] == first["processed"] and findings.stat().st_mtime_ns == stamp
+    for changed in ({"stride_mm": 6.0}, {"model_info": {"sha256": "def"}}, {"method": "window"}, {"resume": False}):
+        result = _runner(DenseBlobNet(PATCH), **changed).run([str(path)], tmp_path / "other")
+        assert result["skipped"] == []
+        _runner(DenseBlobNet(PATCH)).run([str(path)], tmp_path / "other")  # back to the first settings
+        result = _runner(DenseBlobNet(PATCH), **changed).run([str(path)], tmp_path / "other")
+        assert result["skipped"] == [], changed
+    findings.write_text("{not json")
+    assert _runner(DenseBlobNet(PATCH)).run([str(path)], out)["skipped"] == []
+    assert json.loads(findings.read_text())["input_sha256"] == _sha256(path)
 
 
 # ---- the bundle path: configs/inference.json, models/model.pt, infer_main ----
@@ -247,3 +325,41 @@ def test_metaimage_case_name_and_hash_cover_the_data_file(tmp_path):
     raw = tmp_path / "1.3.6.1.4.raw"
     raw.write_bytes(b"\x01" + raw.read_bytes()[1:])
     assert input_sha256(tmp_path / "1.3.6.1.4.mhd") != before
+
+
+def test_interrupted_batch_resumes_and_retries_failures(bundle, tmp_path, caplog):
+    """Two good inputs and a bad one; the first run stops after the bad one (an interruption). The re-run skips the
+    finished case (its files untouched), retries the bad one, does the rest; a third run only retries."""
+    good_a, good_b = _scan(tmp_path / "in", "lps"), _scan(tmp_path / "in", "oblique")
+    bad = _write_bad_inputs(tmp_path / "bad")["truncated"]
+    out = tmp_path / "out"
+    assert infer_main(bundle, out, [str(good_a), str(bad)], **SMALL) == 1
+    assert [f["input"] for f in json.loads((out / "failures.json").read_text())] == [str(bad)]
+    files = [out / "lps" / "findings.json", out / "lps" / "heatmap.nii.gz"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    caplog.set_level(logging.INFO)
+    inputs = [str(good_a), str(bad), str(good_b)]
+    assert infer_main(bundle, out, inputs, **SMALL) == 1
+    assert "lps: skipped (done)" in caplog.text and "oblique: skipped" not in caplog.text
+    assert "truncated failed" in caplog.text  # retried
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert [f["input"] for f in json.loads((out / "failures.json").read_text())] == [str(bad)]
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["status"]) for r in rows] == [("lps", "ok"), ("truncated", "failed"), ("oblique", "ok")]
+    assert rows[0]["score"] == str(json.loads(files[0].read_text())["score"])
+
+    caplog.clear()
+    oblique = (out / "oblique" / "findings.json").stat().st_mtime_ns
+    assert infer_main(bundle, out, inputs, **SMALL) == 1
+    assert caplog.text.count("skipped (done)") == 2 and "truncated failed" in caplog.text
+    assert (out / "oblique" / "findings.json").stat().st_mtime_ns == oblique
+
+
+def test_bundle_heatmap_method(bundle):
+    assert load_bundle_runner(bundle, **SMALL).method == "auto"
+    assert load_bundle_runner(bundle, heatmap_method="window", **SMALL).method == "window"
+    with pytest.raises(RuntimeError, match="Failed to instantiate") as info:  # MONAI wraps the runner's error
+        load_bundle_runner(bundle, heatmap_method="fast", **SMALL)
+    assert "unknown heat-map method 'fast'" in str(info.value.__cause__)

@@ -8,8 +8,8 @@ one class is recorded at that point. Windows are centred the way training patche
 probability at a grid point is what the classifier says about a candidate there.
 
 The window loop is deliberately plain (one forward pass per window, batched); it is the reference against
-which a faster dense evaluation can be checked. :func:`resample_to_grid` brings the heat map back onto the
-input's own grid, whatever its orientation (LPS, RAS, permuted or oblique).
+which the dense evaluation (:mod:`volcnn.inference.dense`) is checked. :func:`resample_to_grid` brings the heat
+map back onto the input's own grid, whatever its orientation (LPS, RAS, permuted or oblique).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "resample_to_grid",
     "select_windows",
     "stride_from_mm",
+    "window_probabilities",
 ]
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,38 @@ def classifier_heatmap(
         "heat map %s at stride %s voxels: %d of %d windows evaluated", grid_shape, stride, keep.sum(), len(keep)
     )
     return heat.reshape(grid_shape), heat_affine
+
+
+def window_probabilities(
+    volume: torch.Tensor,
+    network: nn.Module,
+    centres: np.ndarray,
+    patch_size: Sequence[int],
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    class_index: int = 1,
+) -> np.ndarray:
+    """Softmax probability of ``class_index`` for windows centred (voxel ``size // 2``) on ``centres``.
+
+    Args:
+        volume: ``(C, X, Y, Z)`` preprocessed volume (any device).
+        network: classifier, run in eval mode (restored afterwards) without gradients.
+        centres: voxel indices ``(N, 3)``.
+        patch_size: window size.
+        batch_size: windows per forward pass.
+        device: where the network runs (default: its parameters' device).
+        class_index: the softmax channel.
+
+    Returns:
+        float32 ``(N,)``.
+    """
+    if device is None:
+        param = next(network.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    data = torch.as_tensor(volume, dtype=torch.float32).as_subclass(torch.Tensor).to(device)
+    points = np.asarray(centres, dtype=np.int64)
+    return _predict(network, data, points, patch_size, batch_size, device, class_index, False)
 
 
 def _predict(

@@ -3,11 +3,21 @@
 Per input (a NIfTI file or a DICOM series folder) the runner writes, atomically::
 
     OUT/<case>/heatmap.nii.gz   float32 probability, exactly the input's shape and affine
-    OUT/<case>/findings.json    case, score, findings in world RAS mm and input voxels, model, input sha256
+    OUT/<case>/findings.json    case, score, findings in world RAS mm and input voxels, model, input sha256,
+                                how the heat map was made, the settings
     OUT/summary.csv             case, score, n_findings, max_probability, status (all inputs, updated per case)
     OUT/failures.json           [{"input", "error"}] for the inputs that failed ([] when none)
 
-A bad input is logged with its message and recorded in ``failures.json``; the batch goes on with the next one.
+A bad input is logged with its message and recorded in ``failures.json``; the batch goes on with the next one. A
+re-run skips a case whose ``findings.json`` was written for the same input bytes, model and settings (an
+interrupted batch resumes where it stopped); ``findings.json`` is written last and atomically, so it only exists
+for a finished case.
+
+Heat maps are computed densely (:func:`~volcnn.inference.dense_heatmap`: the trunk once per tile, only inside the
+body) when the network can be split into trunk and pooling head, else window by window. The dense map of a network
+that relies on its patches' zero padding differs from what the network says about each window, so every dense map
+is checked against the window reference at a few points, and ``method="auto"`` falls back to the window method
+when they differ by more than ``dense_tolerance``.
 Outputs carry only the file or folder name of an input, never header fields (no patient identifiers).
 :func:`load_bundle_runner` builds the runner from a bundle's ``configs/inference.json`` and :func:`infer_main`
 is the ``volcnn infer`` command's body.
@@ -18,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -32,12 +43,22 @@ from monai.transforms import LoadImaged
 from torch import nn
 
 from volcnn.engines.options import as_bool
+from volcnn.inference.body_mask import body_mask
+from volcnn.inference.dense import (
+    DEFAULT_TILE_MB,
+    SplitClassifier,
+    dense_heatmap,
+    dense_window_difference,
+    split_classifier,
+)
 from volcnn.inference.findings import SCORE_METHODS, find_peaks, volume_score
-from volcnn.inference.heatmap import classifier_heatmap, resample_to_grid
+from volcnn.inference.heatmap import classifier_heatmap, heatmap_grid, resample_to_grid, select_windows
 from volcnn.io import VolcnnReader, Volume, atomic_write_json, atomic_write_text, load_volume, write_nifti
 from volcnn.transforms import volume_transforms, world_to_voxel
+from volcnn.transforms.geometry import as_affine
 
 __all__ = [
+    "HEATMAP_METHODS",
     "InferenceRunner",
     "case_name",
     "file_sha256",
@@ -51,6 +72,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ("case", "score", "n_findings", "max_probability", "status")
+HEATMAP_METHODS = ("auto", "dense", "window")
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 
 
@@ -154,9 +176,21 @@ class InferenceRunner:
         score: volume score method, one of ``max``, ``topk_mean``, ``noisy_or``.
         score_k: peaks combined by ``topk_mean`` / ``noisy_or``.
         class_index: the softmax channel mapped (1 = nodule).
-        skip_air: do not evaluate windows centred on air (see :func:`~volcnn.inference.classifier_heatmap`).
+        skip_air: do not evaluate air: the window method skips windows centred on air (see
+            :func:`~volcnn.inference.classifier_heatmap`), the dense method everything outside the
+            :func:`~volcnn.inference.body_mask`.
         model_info: ``{"name", "version", "sha256"}`` recorded in every ``findings.json``.
         progress: tqdm progress bar per case.
+        method: ``"auto"`` (dense when the network can be split and its dense map agrees with the window reference,
+            else window), ``"dense"`` (always; a disagreement is only logged) or ``"window"``.
+        dense_check_points: grid points at which a dense map is compared with the window reference (0: no check).
+        dense_tolerance: largest probability difference at those points for ``"auto"`` to keep the dense map.
+        dense_halo: context per tile of the dense method (see :func:`~volcnn.inference.plan_dense`).
+        tile_mb: memory budget of one dense tile.
+        resume: skip cases already done with the same input, model and settings.
+
+    Raises:
+        ValueError: unknown ``score`` or ``method``, or ``method="dense"`` for a network that cannot be split.
     """
 
     def __init__(
@@ -178,9 +212,17 @@ class InferenceRunner:
         skip_air: bool = True,
         model_info: Mapping[str, Any] | None = None,
         progress: bool = True,
+        method: str = "auto",
+        dense_check_points: int = 32,
+        dense_tolerance: float = 0.05,
+        dense_halo: int | str = "window",
+        tile_mb: float = DEFAULT_TILE_MB,
+        resume: bool = True,
     ) -> None:
         if score not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score!r}; choose one of {', '.join(SCORE_METHODS)}")
+        if method not in HEATMAP_METHODS:
+            raise ValueError(f"unknown heat-map method {method!r}; choose one of {', '.join(HEATMAP_METHODS)}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = network.to(self.device).eval()
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -198,26 +240,84 @@ class InferenceRunner:
         info = dict(model_info or {})
         self.model_info = {"name": info.get("name"), "version": info.get("version"), "sha256": info.get("sha256")}
         self.progress = as_bool(progress)
+        self.method = method
+        self.dense_check_points = int(dense_check_points)
+        self.dense_tolerance = float(dense_tolerance)
+        self.dense_halo = dense_halo
+        self.tile_mb = float(tile_mb)
+        self.resume = as_bool(resume)
+        self._split: SplitClassifier | None = None
+        if method != "window":
+            try:
+                self._split = split_classifier(self.network)
+            except ValueError as e:
+                if method == "dense":
+                    raise ValueError(f"method 'dense': {e}") from e
+                logger.info("heat maps window by window: %s", e)
+        if self._split is not None:
+            logger.info(
+                "heat maps dense: the %s trunk once per tile (stride %s) %s, checked against windows at %d points%s",
+                type(self.network).__name__,
+                self._split.total_stride,
+                "inside the body mask" if self.skip_air else "over the whole volume",
+                self.dense_check_points,
+                " (window method where they differ)" if method == "auto" else "",
+            )
         self._chain = volume_transforms("image", self.pixdim, self.hu_window)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the input and the model that the outputs depend on (JSON types)."""
+        settings = {
+            "patch_size": self.patch_size,
+            "pixdim": self.pixdim,
+            "hu_window": self.hu_window,
+            "stride_mm": self.stride_mm,
+            "method": self.method,
+            "threshold": self.threshold,
+            "min_distance_mm": self.min_distance_mm,
+            "max_findings": self.max_findings,
+            "score": self.score,
+            "score_k": self.score_k,
+            "class_index": self.class_index,
+            "skip_air": self.skip_air,
+            "dense_check_points": self.dense_check_points,
+            "dense_tolerance": self.dense_tolerance,
+            "dense_halo": self.dense_halo,
+            "tile_mb": self.tile_mb,
+        }
+        normalised: dict[str, Any] = json.loads(json.dumps(settings))
+        return normalised
 
     def run(self, inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         """Process every input; a failing input is recorded and the batch continues.
 
         Returns:
             ``{"processed": [{"input", "case", "score", "n_findings", "max_probability"}, ...],
-            "failures": [{"input", "error"}, ...]}``.
+            "failures": [{"input", "error"}, ...], "skipped": [case, ...]}``; skipped cases (done by an earlier
+            run, see :meth:`process`) are in ``processed`` too.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         processed: list[dict[str, Any]] = []
         failures: list[dict[str, str]] = []
+        skipped: list[str] = []
         rows: list[dict[str, Any]] = []
         used: set[str] = set()
         for n, path in enumerate(inputs, 1):
             case = _unique(case_name(path), used)
             start = time.perf_counter()
             try:
-                result = self.process(path, out / case, case)
+                digest = input_sha256(path) if Path(path).exists() else None
+                done = self._finished(out / case, digest) if self.resume and digest else None
+                if done is not None:
+                    logger.info("[%d/%d] %s: skipped (done)", n, len(inputs), case)
+                    skipped.append(case)
+                    processed.append({"input": str(path), **done})
+                    rows.append({**{k: done[k] for k in SUMMARY_FIELDS[1:4]}, "case": case, "status": "ok"})
+                    _write_reports(out, rows, failures)
+                    continue
+                result = self.process(path, out / case, case, digest=digest)
             except Exception as e:  # one bad input must not stop the batch
                 message = str(e) if str(path) in str(e) else f"{path}: {type(e).__name__}: {e}"
                 logger.error("[%d/%d] %s failed: %s", n, len(inputs), case, message)
@@ -236,32 +336,31 @@ class InferenceRunner:
             _write_reports(out, rows, failures)
         if not inputs:
             _write_reports(out, rows, failures)
-        return {"processed": processed, "failures": failures}
+        return {"processed": processed, "failures": failures, "skipped": skipped}
 
-    def process(self, path: str | os.PathLike[str], case_dir: str | os.PathLike[str], case: str) -> dict[str, Any]:
-        """Run one input and write ``case_dir/heatmap.nii.gz`` and ``case_dir/findings.json``.
+    def process(
+        self, path: str | os.PathLike[str], case_dir: str | os.PathLike[str], case: str, digest: str | None = None
+    ) -> dict[str, Any]:
+        """Run one input and write ``case_dir/heatmap.nii.gz``, then ``case_dir/findings.json``.
 
         A finding's ``center_voxel`` is the input voxel nearest its ``center_ras_mm`` (clipped to the image).
+
+        Args:
+            path: the input.
+            case_dir: its output folder.
+            case: its case name.
+            digest: :func:`input_sha256` of ``path`` when already known.
 
         Returns:
             ``{"case", "score", "n_findings", "max_probability"}``.
         """
         vol = load_volume(path)
-        digest = input_sha256(path)
+        digest = digest or input_sha256(path)
         shape, affine = tuple(vol.array.shape), vol.affine.copy()
-        image = self._preprocess(str(path), vol)
-        del vol
-        heat, heat_affine = classifier_heatmap(
-            image,
-            self.network,
-            self.patch_size,
-            batch_size=self.batch_size,
-            device=self.device,
-            class_index=self.class_index,
-            progress=self.progress,
-            stride_mm=self.stride_mm,
-            skip_air=self.skip_air,
-        )
+        handed = [vol]
+        del vol  # _preprocess drops the last reference once the chain's loader has the volume
+        image = self._preprocess(str(path), handed)
+        heat, heat_affine, how = self._heatmap(image, case)
         del image
         findings = find_peaks(heat, heat_affine, self.threshold, self.min_distance_mm, self.max_findings)
         for f in findings:
@@ -272,35 +371,143 @@ class InferenceRunner:
         )
         case_dir = Path(case_dir)
         write_nifti(case_dir / "heatmap.nii.gz", resample_to_grid(heat, heat_affine, shape, affine), affine)
+        max_probability = round(float(heat.max()) if heat.size else 0.0, 4)
         doc = {
             "case": case,
             "score": round(score, 4),
             "score_method": self.score,
+            "max_probability": max_probability,
             "findings": findings,
             "model": self.model_info,
             "input_sha256": digest,
             "stride_mm": self.stride_mm,
             "threshold": self.threshold,
+            "heatmap": how,
+            "settings": self.settings,
         }
         atomic_write_json(case_dir / "findings.json", doc)
-        return {
-            "case": case,
-            "score": doc["score"],
-            "n_findings": len(findings),
-            "max_probability": round(float(heat.max()) if heat.size else 0.0, 4),
-        }
+        return {"case": case, "score": doc["score"], "n_findings": len(findings), "max_probability": max_probability}
 
-    def _preprocess(self, path: str, vol: Volume) -> torch.Tensor:
+    def _heatmap(self, image: torch.Tensor, case: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Heat map of a preprocessed ``(1, X, Y, Z)`` image: ``(heat, heat_affine, how)``, ``how`` for findings.json:
+        ``{"method", "grid_step_vox"}`` and for a dense map ``"check": {"points", "max_abs_diff", "tolerance"}``."""
+        if self._split is None:
+            heat, heat_affine = self._window_heatmap(image)
+            return heat, heat_affine, {"method": "window", "grid_step_vox": _grid_step(image, heat_affine)}
+        start = time.perf_counter()
+        mask = body_mask(image, hu_window=self.hu_window) if self.skip_air else None
+        t_mask = time.perf_counter() - start
+        heat, heat_affine = dense_heatmap(
+            image,
+            self.network,
+            self.patch_size,
+            stride_mm=self.stride_mm,
+            device=self.device,
+            class_index=self.class_index,
+            mask=mask,
+            halo=self.dense_halo,
+            tile_mb=self.tile_mb,
+            split=self._split,
+            progress=self.progress,
+        )
+        how: dict[str, Any] = {"method": "dense", "grid_step_vox": _grid_step(image, heat_affine)}
+        t_dense = time.perf_counter() - start - t_mask
+        logger.debug("%s: body mask %.2f s, dense heat map %.2f s", case, t_mask, t_dense)
+        if self.dense_check_points > 0:
+            start = time.perf_counter()
+            evaluated = None
+            if mask is not None:
+                centres = heatmap_grid(image.shape[1:], how["grid_step_vox"])[1]
+                evaluated = select_windows(image, centres, skip_air=False, mask=mask).reshape(heat.shape)
+            diff, n = dense_window_difference(
+                image,
+                self.network,
+                heat,
+                heat_affine,
+                self.patch_size,
+                evaluated=evaluated,
+                n_points=self.dense_check_points,
+                batch_size=self.batch_size,
+                device=self.device,
+                class_index=self.class_index,
+            )
+            how["check"] = {"points": n, "max_abs_diff": round(diff, 4), "tolerance": self.dense_tolerance}
+            logger.debug("%s: dense check %.2f s, largest difference %.4f", case, time.perf_counter() - start, diff)
+            if diff > self.dense_tolerance:
+                fallback = self.method == "auto"
+                logger.warning(
+                    "%s: the dense heat map differs from window-by-window evaluation by up to %.3f (tolerance %.3f) "
+                    "at %d points: the network depends on its patches' zero padding; %s",
+                    *(case, diff, self.dense_tolerance, n),
+                    "using the window method (method 'window' skips the dense attempt)"
+                    if fallback
+                    else "keeping the dense map (method 'dense')",
+                )
+                if fallback:
+                    heat, heat_affine = self._window_heatmap(image)
+                    how = {"method": "window", "dense_check": how["check"]}
+        if how["method"] == "window":
+            how["grid_step_vox"] = _grid_step(image, heat_affine)
+        return heat, heat_affine, how
+
+    def _window_heatmap(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return classifier_heatmap(
+            image,
+            self.network,
+            self.patch_size,
+            batch_size=self.batch_size,
+            device=self.device,
+            class_index=self.class_index,
+            progress=self.progress,
+            stride_mm=self.stride_mm,
+            skip_air=self.skip_air,
+        )
+
+    def _finished(self, case_dir: Path, digest: str) -> dict[str, Any] | None:
+        """The result of an earlier run of this case with the same input, model and settings, or None."""
+        findings, heatmap = case_dir / "findings.json", case_dir / "heatmap.nii.gz"
+        if not (findings.is_file() and heatmap.is_file()) or self.model_info.get("sha256") is None:
+            return None
+        try:
+            doc = json.loads(findings.read_text())
+            same = (
+                doc.get("input_sha256") == digest
+                and (doc.get("model") or {}).get("sha256") == self.model_info["sha256"]
+                and doc.get("settings") == self.settings
+            )
+            if not same:
+                return None
+            return {
+                "case": str(doc["case"]),
+                "score": float(doc["score"]),
+                "n_findings": len(doc["findings"]),
+                "max_probability": float(doc["max_probability"]),
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _preprocess(self, path: str, vol: Volume | list[Volume]) -> torch.Tensor:
         """The training chain (:func:`~volcnn.transforms.volume_transforms`) on an already loaded volume.
+
+        ``vol`` may be handed over in a one-item list, which is emptied once the chain's loader has taken the
+        volume, so that the caller's reference does not keep it alive while the volume is resampled.
 
         Returns:
             MetaTensor ``(1, X, Y, Z)`` in RAS at ``pixdim``, windowed to [0, 1], with its affine.
         """
+        volume = vol.pop() if isinstance(vol, list) else vol
         load = self._chain.transforms[0]
         if isinstance(load, LoadImaged):  # same LoadImaged, fed the volume in memory: the file is read once
-            data = load({"image": path}, reader=_PreloadedReader(vol))
+            data = load({"image": path}, reader=_PreloadedReader(volume))
+            del volume
             return self._chain(data, start=1)["image"]
         return self._chain({"image": path})["image"]
+
+
+def _grid_step(image: torch.Tensor, heat_affine: np.ndarray) -> list[int]:
+    """Voxels between heat-map grid points per axis: ``heat_affine = image.affine @ diag(step, 1)``."""
+    affine = as_affine(image.affine) if hasattr(image, "affine") else np.eye(4)
+    return [int(v) for v in np.rint(np.linalg.solve(affine, as_affine(heat_affine)).diagonal()[:3])]
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -328,7 +535,9 @@ def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> 
 
     Args:
         bundle_dir: the bundle root.
-        overrides: config ids to replace, e.g. ``device="cpu"``, ``stride_mm=8.0``, ``network_def="resnet18"``.
+        overrides: config ids to replace, e.g. ``device="cpu"``, ``stride_mm=8.0``, ``network_def="resnet18"``,
+            ``heatmap_method="window"``. ``heatmap_method`` (``auto``, ``dense``, ``window``; from the config when it
+            has the key) becomes the runner's ``method`` even when the config's ``runner`` does not name it.
 
     Raises:
         FileNotFoundError: naming the missing config or checkpoint.
@@ -344,6 +553,8 @@ def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> 
     parser.read_meta(str(meta) if meta.is_file() else {})
     parser["bundle_root"] = str(root)
     parser.update(dict(overrides))
+    if "heatmap_method" in parser and "method" not in parser["runner"]:  # a config that predates the key
+        parser["runner#method"] = "@heatmap_method"
     ckpt = Path(str(parser.get_parsed_content("ckpt_path")))
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: model weights not found; train the bundle or copy its state dict there")

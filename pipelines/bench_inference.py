@@ -1,0 +1,213 @@
+"""Heat-map speed: volcnn's dense inference vs MONAI's SlidingWindowInferer, same classifier, stride and device.
+
+One ``full`` synthetic chest CT (512×512 slices) is preprocessed as in training (RAS, ``pixdim``, HU window).
+Then, each in a fresh process so that peak RSS is its own:
+
+- **ours**: :func:`volcnn.inference.body_mask` + :func:`volcnn.inference.dense_heatmap` (one trunk pass per
+  tile, windows pooled from the feature map, air outside the body skipped);
+- **ours, no mask**: the same over the whole volume (the gain from structure alone);
+- **MONAI SWI**: ``monai.inferers.SlidingWindowInferer`` over the whole volume with ``roi_size`` = the patch,
+  ``overlap = 1 - stride/patch``, the classifier's probability broadcast over each window. To compare window for
+  window, the wrapper writes each window's probability at the window's centre voxel and a second, network-free
+  pass with ones divides out SWI's averaging, so the per-window probability is recovered exactly.
+
+Agreement is the largest |p_ours - p_swi| over the window centres both evaluated (inside the body mask, on our
+grid). Printed as a table with the speed-up ratio; ``--out`` writes JSON::
+
+    python pipelines/bench_inference.py [--bundle demo_out/bundle] [--stride-mm 8] [--out results.json]
+
+Without ``--bundle`` (a bundle with ``models/model.pt``), a randomly initialised network is timed; agreement is
+then less telling because its probabilities vary little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _network(args: argparse.Namespace):
+    import torch
+
+    from volcnn.networks import create_network
+
+    net = create_network(args.network, in_channels=1, num_classes=2, spatial_size=[args.patch] * 3)
+    if args.bundle:
+        state = torch.load(Path(args.bundle) / "models" / "model.pt", map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net.eval()
+
+
+def _preprocess(path: str, pixdim: float):
+    from volcnn.transforms import volume_transforms
+
+    chain = volume_transforms("image", (pixdim,) * 3, (-1000.0, 400.0))
+    return chain({"image": path})["image"]
+
+
+def _child(args: argparse.Namespace) -> dict:
+    """One measurement in this process; returns timings and peak RSS."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    net = _network(args)
+    t0 = time.perf_counter()
+    image = _preprocess(args.image, args.pixdim)
+    t_pre = time.perf_counter() - t0
+    stride = max(1, round(args.stride_mm / args.pixdim))
+    result: dict = {"method": args.method, "shape": list(image.shape[1:]), "preprocess_s": t_pre}
+    t0 = time.perf_counter()
+    if args.method in ("ours", "ours_nomask"):
+        from volcnn.inference import body_mask, dense_heatmap
+
+        mask = body_mask(image[0]) if args.method == "ours" else None
+        heat, heat_affine = dense_heatmap(image, net, [args.patch] * 3, stride, mask=mask)
+        result["seconds"] = time.perf_counter() - t0
+        np.savez(args.save, heat=heat, heat_affine=heat_affine, mask=np.asarray(mask) if mask is not None else 0)
+    else:
+        from monai.inferers import SlidingWindowInferer
+
+        p, c = args.patch, args.patch // 2
+
+        def centre_prob(x: torch.Tensor) -> torch.Tensor:
+            prob = torch.softmax(net(x), dim=1)[:, 1]
+            out = torch.zeros_like(x)
+            out[:, 0, c, c, c] = prob
+            return out
+
+        def centre_one(x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(x)
+            out[:, 0, c, c, c] = 1.0
+            return out
+
+        inferer = SlidingWindowInferer(
+            roi_size=[p] * 3, sw_batch_size=args.batch, overlap=1 - stride / p, mode="constant"
+        )
+        x = image.as_tensor()[None]
+        swi = inferer(x, centre_prob)[0, 0]
+        result["seconds"] = time.perf_counter() - t0
+        ones = inferer(x, centre_one)[0, 0]
+        hit = ones > 0
+        idx = torch.nonzero(hit)
+        probs = (swi[hit] / ones[hit]).numpy()
+        np.savez(args.save, centres=idx.numpy(), probs=probs, affine=np.asarray(image.affine))
+        result["windows"] = int(idx.shape[0])
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _agreement(ours: Path, swi: Path) -> dict:
+    a, b = np.load(ours), np.load(swi)
+    heat, heat_affine, mask = a["heat"], a["heat_affine"], a["mask"]
+    centres, probs, affine = b["centres"], b["probs"], b["affine"]
+    world = centres @ affine[:3, :3].T + affine[:3, 3]
+    inv = np.linalg.inv(heat_affine)
+    grid = world @ inv[:3, :3].T + inv[:3, 3]
+    on_grid = np.all(np.abs(grid - np.rint(grid)) < 1e-3, axis=1)
+    g = np.rint(grid).astype(int)
+    inside = on_grid & np.all((g >= 0) & (g < np.asarray(heat.shape)), axis=1)
+    if np.ndim(mask) == 3:
+        inside &= mask[centres[:, 0], centres[:, 1], centres[:, 2]].astype(bool)
+    if not inside.any():
+        return {"compared": 0, "max_abs": None, "mean_abs": None}
+    diff = np.abs(heat[g[inside, 0], g[inside, 1], g[inside, 2]] - probs[inside])
+    return {"compared": int(inside.sum()), "max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default=None, help="bundle folder with models/model.pt (default: random weights)")
+    p.add_argument("--network", default="resnet10")
+    p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--pixdim", type=float, default=1.0)
+    p.add_argument("--stride-mm", type=float, default=8.0)
+    p.add_argument("--batch", type=int, default=32, help="SWI windows per forward pass")
+    p.add_argument("--image", default=None, help="a CT to use instead of a synthetic full-size one")
+    p.add_argument("--skip-swi", action="store_true", help="time ours only (the SWI baseline takes minutes)")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.method:
+        print(json.dumps(_child(args)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.image is None:
+            from volcnn.data import synthesize_cohort
+
+            synthesize_cohort(Path(tmp) / "data", cases=1, seed=5, size="full", val_fraction=0, test_fraction=0)
+            args.image = str(next((Path(tmp) / "data" / "images").glob("*.nii.gz")))
+        methods = ["ours", "ours_nomask"] + ([] if args.skip_swi else ["swi"])
+        results: dict[str, dict] = {}
+        for method in methods:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--method",
+                method,
+                "--save",
+                str(Path(tmp) / f"{method}.npz"),
+                "--image",
+                args.image,
+                "--network",
+                args.network,
+                "--patch",
+                str(args.patch),
+                "--pixdim",
+                str(args.pixdim),
+                "--stride-mm",
+                str(args.stride_mm),
+                "--batch",
+                str(args.batch),
+            ]
+            if args.bundle:
+                cmd += ["--bundle", args.bundle]  # fmt: skip
+            print(f"running {method} ...", flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return 1
+            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        agreement = None if args.skip_swi else _agreement(Path(tmp) / "ours.npz", Path(tmp) / "swi.npz")
+    shape = results["ours"]["shape"]
+    print(f"\n{args.network} {args.patch}^3, stride {args.stride_mm} mm, CPU ({platform.machine()}), "
+          f"volume {shape[0]}x{shape[1]}x{shape[2]} at {args.pixdim} mm")  # fmt: skip
+    print(f"{'method':28} {'heat map s':>11} {'peak RSS MB':>12}")
+    names = {
+        "ours": "volcnn dense + body mask",
+        "ours_nomask": "volcnn dense, no mask",
+        "swi": "MONAI SlidingWindowInferer",
+    }
+    for m, r in results.items():
+        print(f"{names[m]:28} {r['seconds']:11.1f} {r['peak_rss_mb']:12.0f}")
+    summary: dict = {"results": results, "agreement": agreement}
+    if "swi" in results:
+        ratio = results["swi"]["seconds"] / results["ours"]["seconds"]
+        ratio_struct = results["swi"]["seconds"] / results["ours_nomask"]["seconds"]
+        summary.update(heatmap_speedup_vs_swi=ratio, heatmap_speedup_vs_swi_no_mask=ratio_struct,
+                       heatmap_agreement_max_abs=agreement["max_abs"] if agreement else None)  # fmt: skip
+        print(f"speed-up vs SWI: {ratio:.1f}x (structure alone, no mask: {ratio_struct:.1f}x); SWI windows "
+              f"{results['swi']['windows']}")  # fmt: skip
+        if agreement:
+            print(f"agreement over {agreement['compared']} window centres: max |dp| {agreement['max_abs']}, "
+                  f"mean {agreement['mean_abs']}")  # fmt: skip
+    if args.out:
+        meta = {"network": args.network, "patch": args.patch, "stride_mm": args.stride_mm, "bundle": args.bundle,
+                "machine": platform.machine(), "python": platform.python_version()}  # fmt: skip
+        Path(args.out).write_text(json.dumps({"config": meta, **summary}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
