@@ -44,7 +44,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from volcnn.inference import infer_main
 
     overrides = {k: v for k, v in {"device": args.device, "stride_mm": args.stride_mm}.items() if v is not None}
-    return infer_main(args.bundle, args.out, args.inputs, **overrides)
+    return infer_main(
+        args.bundle, args.out, args.inputs, model=args.model, explain=args.explain,
+        explain_method=args.explain_method, explain_layer=args.explain_layer, **overrides,
+    )  # fmt: skip
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -178,8 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("infer", help="heat map, findings and score for whole volumes with a trained bundle")
-    p.add_argument("--bundle", required=True, help="bundle folder with configs/ and models/model.pt")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", help="bundle folder with configs/ and models/model.pt")
+    src.add_argument("--model", help="an exported model (models/model.ts or models/model.onnx) run alone")
     p.add_argument("--out", required=True, help="output folder: OUT/<case>/heatmap.nii.gz, findings.json, summary.csv")
+    p.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="explain the N most probable findings per case: OUT/<case>/findingKK_METHOD.nii.gz and .png",
+    )
+    p.add_argument("--explain-method", default="gradcam", help="gradcam (default), gradcampp or occlusion")
+    p.add_argument("--explain-layer", default=None, help="Grad-CAM layer (default: chosen per network)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--stride-mm", type=float, default=None, help="heat-map stride in mm (default: the bundle's)")
     p.add_argument(

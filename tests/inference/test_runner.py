@@ -363,3 +363,39 @@ def test_bundle_heatmap_method(bundle):
     with pytest.raises(RuntimeError, match="Failed to instantiate") as info:  # MONAI wraps the runner's error
         load_bundle_runner(bundle, heatmap_method="fast", **SMALL)
     assert "unknown heat-map method 'fast'" in str(info.value.__cause__)
+
+
+def test_infer_main_explains_the_top_finding(bundle, tmp_path):
+    """``volcnn infer --explain 1``: a Grad-CAM NIfTI on the input's grid and a PNG for the most probable finding."""
+    shape, aff = GEOMETRIES["lps"]
+    good = tmp_path / "good.nii.gz"
+    write_nifti(good, nodule_scan(shape, aff), aff)
+    out = tmp_path / "out"
+    settings = {**SMALL, "threshold": 0.0}  # an untrained network: report whatever peaks there are
+    assert infer_main(bundle, out, [str(good)], explain=1, **settings) == 0
+    doc = json.loads((out / "good" / "findings.json").read_text())
+    assert doc["findings"], "no finding to explain"
+    (expl,) = doc["explanations"]
+    img = nib.load(out / "good" / expl["nifti"])
+    assert img.shape == shape and np.allclose(img.affine, aff)
+    assert (out / "good" / expl["png"]).read_bytes().startswith(b"\x89PNG")
+
+
+def test_infer_main_runs_an_exported_model_alone(bundle, tmp_path):
+    """``volcnn infer --model model.onnx``: no bundle needed; same heat map as the bundle's own network."""
+    from volcnn.bundle import configure_bundle, export_bundle
+
+    shape, aff = GEOMETRIES["ras"]
+    scan = tmp_path / "scan.nii.gz"
+    write_nifti(scan, nodule_scan(shape, aff), aff)
+    configured = configure_bundle(bundle, tmp_path / "b2", {k: v for k, v in SMALL.items() if k != "progress"})
+    (configured / "models").mkdir(exist_ok=True)
+    shutil.copy(bundle / "models" / "model.pt", configured / "models" / "model.pt")
+    paths = export_bundle(configured, formats=("onnx",))
+    common = {"stride_mm": 8.0, "device": "cpu", "progress": False}
+    assert infer_main(None, tmp_path / "onnx", [str(scan)], model=paths["onnx"], **common) == 0
+    assert infer_main(configured, tmp_path / "pt", [str(scan)], heatmap_method="window", **common) == 0
+    a = nib.load(tmp_path / "onnx" / "scan" / "heatmap.nii.gz").get_fdata()
+    b = nib.load(tmp_path / "pt" / "scan" / "heatmap.nii.gz").get_fdata()
+    assert np.abs(a - b).max() < 1e-4
+    assert infer_main(configured, tmp_path / "x", [str(scan)], model=paths["onnx"]) == 2  # both given

@@ -246,6 +246,9 @@ class InferenceRunner:
         self.dense_halo = dense_halo
         self.tile_mb = float(tile_mb)
         self.resume = as_bool(resume)
+        self.explain = 0  # explain the N most probable findings per case (set by ``volcnn infer --explain N``)
+        self.explain_method = "gradcam"
+        self.explain_layer: str | None = None
         self._split: SplitClassifier | None = None
         if method != "window":
             try:
@@ -361,11 +364,12 @@ class InferenceRunner:
         del vol  # _preprocess drops the last reference once the chain's loader has the volume
         image = self._preprocess(str(path), handed)
         heat, heat_affine, how = self._heatmap(image, case)
-        del image
         findings = find_peaks(heat, heat_affine, self.threshold, self.min_distance_mm, self.max_findings)
         for f in findings:
             voxel = np.rint(world_to_voxel(affine, f["center_ras_mm"])).astype(int)
             f["center_voxel"] = np.clip(voxel, 0, np.asarray(shape) - 1).tolist()
+        explanations = self._explain(path, image, findings, Path(case_dir), (shape, affine))
+        del image
         score = volume_score(
             heat, self.score, self.score_k, heat_affine=heat_affine, min_distance_mm=self.min_distance_mm
         )
@@ -385,8 +389,29 @@ class InferenceRunner:
             "heatmap": how,
             "settings": self.settings,
         }
+        if explanations:
+            doc["explanations"] = explanations
         atomic_write_json(case_dir / "findings.json", doc)
         return {"case": case, "score": doc["score"], "n_findings": len(findings), "max_probability": max_probability}
+
+    def _explain(
+        self,
+        path: str | os.PathLike[str],
+        image: torch.Tensor,
+        findings: list[dict[str, Any]],
+        case_dir: Path,
+        grid: tuple[tuple[int, ...], np.ndarray],
+    ) -> list[dict[str, Any]]:
+        """Grad-CAM / occlusion maps of the ``self.explain`` most probable findings (none when 0): NIfTI on the
+        input grid and PNG overlays in ``case_dir`` (see :func:`volcnn.explain.explain_findings`)."""
+        if self.explain <= 0 or not findings:
+            return []
+        from volcnn.explain import explain_findings
+
+        return explain_findings(
+            path, self.network, self, findings, case_dir, top=self.explain, method=self.explain_method,
+            target_layer=self.explain_layer, preprocessed=image, input_grid=grid,  # type: ignore[arg-type]
+        )  # fmt: skip
 
     def _heatmap(self, image: torch.Tensor, case: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Heat map of a preprocessed ``(1, X, Y, Z)`` image: ``(heat, heat_affine, how)``, ``how`` for findings.json:
@@ -565,12 +590,25 @@ def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> 
 
 
 def infer_main(
-    bundle: str | os.PathLike[str],
+    bundle: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    explain: int = 0,
+    explain_method: str = "gradcam",
+    explain_layer: str | None = None,
     **overrides: Any,
 ) -> int:
-    """The body of ``volcnn infer --bundle DIR --out DIR INPUT...``.
+    """The body of ``volcnn infer (--bundle DIR | --model FILE) --out DIR INPUT...``.
+
+    Args:
+        bundle: a bundle folder (``configs/inference.json`` + ``models/model.pt``).
+        model: an exported model (``.ts`` or ``.onnx`` from ``volcnn export``) run alone, without a bundle; its
+            preprocessing settings are embedded. Heat maps then use the window method (an exported graph cannot
+            be split into trunk and head).
+        explain: explain the N most probable findings per case (Grad-CAM by default; bundle models only).
+        overrides: bundle config ids (``device``, ``stride_mm``...); with ``model``: ``InferenceRunner`` arguments.
 
     Returns:
         The exit code: 0 all inputs processed; 1 some failed (listed in ``OUT/failures.json``, the rest were
@@ -579,17 +617,33 @@ def infer_main(
     if not inputs:
         logger.error("no inputs given: pass NIfTI files or DICOM series folders")
         return 2
-    if not Path(bundle).is_dir():
+    if (bundle is None) == (model is None):
+        logger.error("give exactly one of --bundle and --model")
+        return 2
+    if bundle is not None and not Path(bundle).is_dir():
         logger.error("%s: bundle folder not found", bundle)
         return 2
     try:
-        runner = load_bundle_runner(bundle, **overrides)
+        if model is not None:  # noqa: SIM108
+            runner = _exported_runner(model, **overrides)
+        else:
+            runner = load_bundle_runner(bundle, **overrides)  # type: ignore[arg-type]
     except FileNotFoundError as e:
         logger.error("%s", e)
         return 2
     except Exception as e:
-        logger.error("%s: cannot build the inference runner from the bundle (%s: %s)", bundle, type(e).__name__, e)
+        logger.error("%s: cannot build the inference runner (%s: %s)", bundle or model, type(e).__name__, e)
         return 2
+    if explain:
+        from volcnn.explain import EXPLAIN_METHODS
+
+        if model is not None:
+            logger.error("--explain needs the bundle's network (--bundle), not an exported model")
+            return 2
+        if explain_method not in EXPLAIN_METHODS:
+            logger.error("unknown explanation method %r; choose one of %s", explain_method, ", ".join(EXPLAIN_METHODS))
+            return 2
+        runner.explain, runner.explain_method, runner.explain_layer = int(explain), explain_method, explain_layer
     try:
         result = runner.run(list(inputs), out_dir)
     except OSError as e:
@@ -600,3 +654,12 @@ def infer_main(
         logger.warning("%d of %d inputs failed; see %s", n_bad, len(inputs), Path(out_dir) / "failures.json")
         return 1
     return 0
+
+
+def _exported_runner(model: str | os.PathLike[str], **overrides: Any) -> InferenceRunner:
+    """An :class:`InferenceRunner` around an exported ``.ts`` / ``.onnx`` model and its embedded settings."""
+    from volcnn.inference.exported import load_exported
+
+    device = overrides.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    network, settings = load_exported(model, device=device)
+    return InferenceRunner(network, **{**settings, "device": device, "method": "window", **overrides})
