@@ -176,13 +176,15 @@ def test_auto_falls_back_to_windows_when_the_dense_map_disagrees(tmp_path, caplo
     by window, ``dense`` keeps the dense map; both say so in the log and in findings.json."""
     path = _scan(tmp_path)
     caplog.set_level(logging.WARNING)
-    auto = _runner(padding_sensitive_net(offset=0.12), skip_air=False)
+    auto = _runner(padding_sensitive_net(offset=0.12), skip_air=False, stride_mm=8.0)
     auto.run([str(path)], tmp_path / "auto")
     doc = json.loads((tmp_path / "auto" / "ras" / "findings.json").read_text())
     assert doc["heatmap"]["method"] == "window" and doc["heatmap"]["dense_check"]["max_abs_diff"] > 0.05
     assert "using the window method" in caplog.text
     caplog.clear()
-    _runner(padding_sensitive_net(offset=0.12), skip_air=False, method="dense").run([str(path)], tmp_path / "dense")
+    _runner(padding_sensitive_net(offset=0.12), skip_air=False, stride_mm=8.0, method="dense").run(
+        [str(path)], tmp_path / "dense"
+    )
     doc = json.loads((tmp_path / "dense" / "ras" / "findings.json").read_text())
     assert doc["heatmap"]["method"] == "dense" and doc["heatmap"]["check"]["max_abs_diff"] > 0.05
     assert "keeping the dense map" in caplog.text
