@@ -1,4 +1,4 @@
-"""A loss that becomes NaN after a given number of calls, for the NaN-handling tests (imported by the bundle)."""
+"""Losses that turn NaN on cue, for the NaN-handling tests (``NaNAfterLoss`` is imported by the bundle run)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,18 @@ class NaNAfterLoss(torch.nn.CrossEntropyLoss):
         self.calls += 1
         loss = super().forward(input, target)
         return loss * float("nan") if self.calls > self.after else loss
+
+
+class NaNAtLoss(torch.nn.Module):
+    """Cross-entropy that returns NaN on call number ``nan_at`` only (1-based; ``None``: never)."""
+
+    def __init__(self, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.nan_at = nan_at
+        self.calls = 0
+        self.ce = torch.nn.CrossEntropyLoss()
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = self.ce(pred, label)
+        return loss * float("nan") if self.calls == self.nan_at else loss

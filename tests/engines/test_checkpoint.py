@@ -33,16 +33,6 @@ ITERS = N // BATCH
 KEY = "val_auc"
 
 
-@pytest.fixture(autouse=True)
-def _keep_global_rngs():
-    """The trainers and resumes here seed and restore the global generators; put them back afterwards."""
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    yield
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
-
-
 class _FakeValidator:
     """Stands in for the evaluator: at each trainer epoch end its ``state`` gets that epoch's metric value.
 

@@ -7,7 +7,6 @@ Tiny real MONAI engines on CPU: a one-convolution network, 8 random ``(1, 8, 8, 
 from __future__ import annotations
 
 import logging
-import random
 
 import numpy as np
 import pytest
@@ -16,22 +15,13 @@ from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.engines.utils import IterationEvents
 
+from tests.engines.nan_loss import NaNAtLoss
 from volcnn.engines.amp import AmpPolicy
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
 
 N = 8
 BATCH = 4
 ITERS = N // BATCH
-
-
-@pytest.fixture(autouse=True)
-def _keep_global_rngs():
-    """Building networks and data loaders draws from (and MONAI's DataLoader reseeds) the global generators."""
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    yield
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
 
 
 def _net(head: bool = False) -> torch.nn.Sequential:
@@ -98,21 +88,6 @@ class _InfGradLoss(torch.nn.Module):
         return self.ce(pred, label)
 
 
-class _NaNAtLoss(torch.nn.Module):
-    """Cross-entropy that returns NaN on call number ``nan_at`` (1-based)."""
-
-    def __init__(self, nan_at: int):
-        super().__init__()
-        self.nan_at = nan_at
-        self.calls = 0
-        self.ce = torch.nn.CrossEntropyLoss()
-
-    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        loss = self.ce(pred, label)
-        return loss * float("nan") if self.calls == self.nan_at else loss
-
-
 def _record_dtypes(net: torch.nn.Module, layer: int = 0) -> list[torch.dtype]:
     seen: list[torch.dtype] = []
     net[layer].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
@@ -177,7 +152,7 @@ def test_grad_scaler_survives_repeated_runs():
 
 def test_nan_loss_raises_before_the_weights_are_updated():
     bad_call = ITERS + 2  # epoch 2, second batch: global iteration 4
-    trainer = _trainer(max_epochs=3, loss=_NaNAtLoss(bad_call))
+    trainer = _trainer(max_epochs=3, loss=NaNAtLoss(bad_call))
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     trainer.add_event_handler(
         Events.ITERATION_STARTED, lambda e: snapshots.__setitem__(e.state.iteration, _weights(e.network))
@@ -194,7 +169,7 @@ def test_nan_loss_raises_before_the_weights_are_updated():
 
 
 def test_nan_loss_raises_with_the_scaler_too():
-    trainer = _trainer(max_epochs=1, loss=_NaNAtLoss(1))
+    trainer = _trainer(max_epochs=1, loss=NaNAtLoss(1))
     _force_fp16_scaler(trainer)
     before = _weights(trainer.network)
     with pytest.raises(NonFiniteLossError, match="epoch 1, iteration 1"):

@@ -13,6 +13,7 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 
+from tests.engines.nan_loss import NaNAtLoss
 from volcnn.engines.checkpoint import TrainingCheckpointer
 from volcnn.engines.trainer import NonFiniteLossError, VolcnnTrainer
 from volcnn.engines.workflow import run_training, seed_everything
@@ -105,28 +106,13 @@ def test_bad_values_are_refused():
 # ---------------------------------------------------------------- run_training
 
 
-class _NaNAtLoss(torch.nn.Module):
-    """Cross-entropy that returns NaN on call number ``nan_at`` (1-based)."""
-
-    def __init__(self, nan_at: int | None = None):
-        super().__init__()
-        self.nan_at = nan_at
-        self.calls = 0
-        self.ce = torch.nn.CrossEntropyLoss()
-
-    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        loss = self.ce(pred, label)
-        return loss * float("nan") if self.calls == self.nan_at else loss
-
-
 def _trainer(max_epochs: int, nan_at: int | None = None) -> VolcnnTrainer:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten())
     data = [{"image": torch.rand(1, 8, 8, 8), "label": i % 2} for i in range(8)]
     return VolcnnTrainer(
         device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=DataLoader(Dataset(data), batch_size=4),
-        network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=_NaNAtLoss(nan_at),
+        network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=NaNAtLoss(nan_at),
     )  # fmt: skip
 
 

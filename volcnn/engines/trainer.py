@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -195,18 +195,3 @@ class SchedulerStepper:
             self.lr_scheduler.step()
         else:
             logger.info("optimizer did not step (GradScaler skipped it); LR scheduler not stepped")
-
-
-def unwrap_metrics(metrics: dict[str, Any], names: Sequence[str] | None = None) -> dict[str, float]:
-    """The finite float entries of an engine's ``state.metrics`` (optionally only ``names``)."""
-    out: dict[str, float] = {}
-    for name, value in metrics.items():
-        if names is not None and name not in names:
-            continue
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(v):
-            out[name] = v
-    return out
