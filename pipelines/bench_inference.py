@@ -107,6 +107,18 @@ def _child(args: argparse.Namespace) -> dict:
     return result
 
 
+def _stack_slices(path: str, slices: int, out: Path) -> str:
+    """The CT at ``path`` mirrored along its last axis until it has ``slices`` slices (same spacing and affine)."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    while data.shape[2] < slices:
+        data = np.concatenate([data, data[:, :, ::-1]], axis=2)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data[:, :, :slices]), img.affine, img.header), out)
+    return str(out)
+
+
 def _agreement(ours: Path, swi: Path) -> dict:
     a, b = np.load(ours), np.load(swi)
     heat, heat_affine, mask = a["heat"], a["heat_affine"], a["mask"]
@@ -128,12 +140,13 @@ def _agreement(ours: Path, swi: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default=None, help="bundle folder with models/model.pt (default: random weights)")
-    p.add_argument("--network", default="resnet10")
+    p.add_argument("--network", default="valid_cnn3d")
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--pixdim", type=float, default=1.0)
     p.add_argument("--stride-mm", type=float, default=8.0)
     p.add_argument("--batch", type=int, default=32, help="SWI windows per forward pass")
     p.add_argument("--image", default=None, help="a CT to use instead of a synthetic full-size one")
+    p.add_argument("--slices", type=int, default=None, help="stack the synthetic CT to this many slices (e.g. 600)")
     p.add_argument("--skip-swi", action="store_true", help="time ours only (the SWI baseline takes minutes)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -148,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
             synthesize_cohort(Path(tmp) / "data", cases=1, seed=5, size="full", val_fraction=0, test_fraction=0)
             args.image = str(next((Path(tmp) / "data" / "images").glob("*.nii.gz")))
+            if args.slices:
+                args.image = _stack_slices(args.image, args.slices, Path(tmp) / "stacked.nii.gz")
         methods = ["ours", "ours_nomask"] + ([] if args.skip_swi else ["swi"])
         results: dict[str, dict] = {}
         for method in methods:

@@ -42,6 +42,21 @@ def test_infer_with_missing_bundle_exits_2(tmp_path):
     assert main(["infer", "--bundle", str(tmp_path / "nobundle"), "--out", str(tmp_path / "o"), str(vol)]) == 2
 
 
+def test_infer_options_reach_the_runner(tmp_path, monkeypatch):
+    import volcnn.inference
+
+    seen: dict = {}
+    monkeypatch.setattr(volcnn.inference, "infer_main", lambda *a, **kw: seen.update(kw) or 0)
+    argv = ["infer", "--bundle", "b", "--out", "o", "--heatmap-method", "window", "--stride-mm", "6", "x.nii.gz"]
+    assert main(argv) == 0
+    assert seen["heatmap_method"] == "window" and seen["stride_mm"] == 6.0
+    seen.clear()
+    assert main(["infer", "--bundle", "b", "--out", "o", "x.nii.gz"]) == 0
+    assert "heatmap_method" not in seen and "stride_mm" not in seen  # the bundle's own settings
+    with pytest.raises(SystemExit):
+        main(["infer", "--bundle", "b", "--out", "o", "--heatmap-method", "fast", "x.nii.gz"])
+
+
 def test_ingest_and_datalist_commands_end_to_end(tmp_path):
     """`volcnn synth` -> `ingest` (a bad file among good ones: exit 1) -> `datalist from-luna16` -> `check`."""
     import json

@@ -43,7 +43,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_infer(args: argparse.Namespace) -> int:
     from volcnn.inference import infer_main
 
-    overrides = {k: v for k, v in {"device": args.device, "stride_mm": args.stride_mm}.items() if v is not None}
+    given = {"device": args.device, "stride_mm": args.stride_mm, "heatmap_method": args.heatmap_method}
+    overrides = {k: v for k, v in given.items() if v is not None}
     return infer_main(
         args.bundle, args.out, args.inputs, model=args.model, explain=args.explain,
         explain_method=args.explain_method, explain_layer=args.explain_layer, **overrides,
@@ -196,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-layer", default=None, help="Grad-CAM layer (default: chosen per network)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--stride-mm", type=float, default=None, help="heat-map stride in mm (default: the bundle's)")
+    p.add_argument(
+        "--heatmap-method",
+        choices=("auto", "dense", "window"),
+        default=None,
+        help="dense: one trunk pass over the CT; window: each window through the whole network (the reference); "
+        "auto: dense where its check against windows passes (default: the bundle's; exported models: window)",
+    )
     p.add_argument(
         "inputs",
         nargs="+",

@@ -401,3 +401,5 @@ def test_infer_main_runs_an_exported_model_alone(bundle, tmp_path):
     b = nib.load(tmp_path / "pt" / "scan" / "heatmap.nii.gz").get_fdata()
     assert np.abs(a - b).max() < 1e-4
     assert infer_main(configured, tmp_path / "x", [str(scan)], model=paths["onnx"]) == 2  # both given
+    assert infer_main(None, tmp_path / "y", [str(scan)], model=paths["onnx"], heatmap_method="dense") == 2
+    assert not (tmp_path / "y").exists()

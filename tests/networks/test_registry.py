@@ -38,3 +38,21 @@ def test_seed_cnn_rejects_wrong_patch():
     net = create_network("seed_cnn3d", spatial_size=(16, 16, 16))
     with pytest.raises(ValueError, match="built for patches"):
         net(torch.zeros(1, 1, 32, 32, 32))
+
+
+def test_valid_cnn3d_sees_exactly_its_patch():
+    """One feature cell at 32^3 whose receptive field is the whole patch: voxels on all six faces change the logits;
+    a larger input gives more cells, each seeing 32^3 voxels."""
+    torch.manual_seed(0)
+    net = create_network("valid_cnn3d", spatial_size=(32, 32, 32)).eval()
+    trunk = net[:-3]
+    x = torch.rand(1, 1, 32, 32, 32, requires_grad=True)
+    assert tuple(trunk(x).shape[2:]) == (1, 1, 1)
+    net(x)[0, 1].backward()
+    assert x.grad is not None
+    g = x.grad[0, 0] != 0
+    for axis in range(3):
+        assert bool(g.select(axis, 0).any()) and bool(g.select(axis, 31).any())
+    assert tuple(trunk(torch.zeros(1, 1, 48, 40, 33)).shape[2:]) == (5, 3, 1)
+    with pytest.raises(ValueError, match="at least 32"):
+        create_network("valid_cnn3d", spatial_size=(24, 32, 32))

@@ -661,5 +661,7 @@ def _exported_runner(model: str | os.PathLike[str], **overrides: Any) -> Inferen
     from volcnn.inference.exported import load_exported
 
     device = overrides.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if overrides.pop("heatmap_method", "window") == "dense":
+        raise ValueError("an exported model runs window by window only (its graph cannot be split into trunk and head)")
     network, settings = load_exported(model, device=device)
     return InferenceRunner(network, **{**settings, "device": device, "method": "window", **overrides})

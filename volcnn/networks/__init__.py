@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from volcnn.networks import monai_nets, seed_cnn  # noqa: F401  (registers the networks)
+from volcnn.networks import monai_nets, seed_cnn, valid_cnn  # noqa: F401  (registers the networks)
 from volcnn.networks.registry import create_network, list_networks, register_network
 from volcnn.networks.seed_cnn import SeedCNN3d
+from volcnn.networks.valid_cnn import ValidCNN3d
 
-__all__ = ["create_network", "list_networks", "register_network", "SeedCNN3d"]
+__all__ = ["create_network", "list_networks", "register_network", "SeedCNN3d", "ValidCNN3d"]
