@@ -173,14 +173,17 @@ def _runner(network, **kwargs) -> InferenceRunner:
 
 def test_auto_falls_back_to_windows_when_the_dense_map_disagrees(tmp_path, caplog):
     """A network that depends on its patches' zero padding: the check catches it; ``auto`` recomputes the map window
-    by window, ``dense`` keeps the dense map; both say so in the log and in findings.json."""
-    path = _scan(tmp_path)
+    by window, ``dense`` keeps the dense map; both say so in the log and in findings.json. After one disagreement
+    ``auto`` goes straight to windows for the rest of the batch (the cause is the network, not the CT)."""
+    path, other = _scan(tmp_path), _scan(tmp_path, "lps")
     caplog.set_level(logging.WARNING)
     auto = _runner(padding_sensitive_net(offset=0.12), skip_air=False, stride_mm=8.0)
-    auto.run([str(path)], tmp_path / "auto")
+    auto.run([str(path), str(other)], tmp_path / "auto")
     doc = json.loads((tmp_path / "auto" / "ras" / "findings.json").read_text())
     assert doc["heatmap"]["method"] == "window" and doc["heatmap"]["dense_check"]["max_abs_diff"] > 0.05
-    assert "using the window method" in caplog.text
+    assert "using the window method" in caplog.text and caplog.text.count("differs from window-by-window") == 1
+    second = json.loads((tmp_path / "auto" / "lps" / "findings.json").read_text())["heatmap"]
+    assert second["method"] == "window" and "dense_check" not in second
     caplog.clear()
     _runner(padding_sensitive_net(offset=0.12), skip_air=False, stride_mm=8.0, method="dense").run(
         [str(path)], tmp_path / "dense"

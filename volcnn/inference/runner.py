@@ -471,6 +471,10 @@ class InferenceRunner:
                 if fallback:
                     heat, heat_affine = self._window_heatmap(image)
                     how = {"method": "window", "dense_check": how["check"]}
+                    # the disagreement comes from the network's padding, not from this CT: later cases go straight
+                    # to windows instead of paying for a dense map and its check again
+                    self._split = None
+                    logger.warning("the remaining cases of this run use the window method")
         if how["method"] == "window":
             how["grid_step_vox"] = _grid_step(image, heat_affine)
         return heat, heat_affine, how
