@@ -154,7 +154,9 @@ def test_nifti_on_the_input_grid_and_png(net, geometry, tmp_path):
     assert img.shape == shape
     np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
     sal = np.asarray(img.dataobj, dtype=np.float32)
-    assert sal.min() >= 0.0 and 0.9 <= sal.max() <= 1.0 + 1e-6
+    # the patch map peaks at 1 on one voxel (a feature cell's centre, volcnn.explain.cell_geometry); the input's
+    # 1.5-2 mm voxels sample it up to 0.75-1 mm off that peak
+    assert sal.min() >= 0.0 and 0.8 <= sal.max() <= 1.0 + 1e-6
     peak = _peak_world(sal, img.affine)
     assert np.linalg.norm(peak - BLOB_RAS) < TOL_MM, (geometry, peak)
     # zero outside the patch (16 voxels of 2 mm around the finding) beyond one patch voxel of its edge

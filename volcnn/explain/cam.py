@@ -18,6 +18,12 @@ The methods are MONAI's (:class:`monai.visualize.GradCAM`, :class:`~monai.visual
   ``denseblock1``; for ``seed_cnn3d`` ``features.4`` (the ReLU of its last conv); for any other network its last
   ``Conv3d``. At 32^3 that is ``layer2`` (4^3 cells), ``features.denseblock2`` (4^3) and ``features.4`` (16^3); at
   64^3 ``layer3`` and ``features.denseblock3``. :func:`candidate_layers` lists them; ``target_layer`` overrides.
+* Grad-CAM's layer-resolution map is put on the patch by linear interpolation between the receptive-field centres
+  of the layer's cells (:mod:`volcnn.explain.cell_geometry`, measured once per explainer), not by MONAI's default
+  upsampler, which assumes the cells tile the patch evenly and so misplaces the map: stretched 1.6x for
+  ``valid_cnn3d`` (5.4 voxels off at the edges at 32^3), half a cell (3.5 voxels) for the ResNets' ``layer2``, 1.5
+  voxels for DenseNet121's ``features.denseblock2``.
+  Voxels beyond the outermost cell centres take the edge cell's value.
 * Occlusion sensitivity occludes with MONAI's Gaussian mask (the centre of the mask becomes 0, air after the HU
   window); the saliency of a voxel is how much the log-odds drop when the region around it is occluded.
 * Every saliency is clipped at 0 (only evidence *for* ``class_index``) and divided by its maximum, so it lies in
@@ -43,6 +49,7 @@ from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
 from monai.visualize.class_activation_maps import ModelWithHooks
 from torch import nn
 
+from volcnn.explain.cell_geometry import CellGeometry, cell_upsampler, layer_cell_geometry
 from volcnn.transforms.crop import WorldPatchCrop
 from volcnn.transforms.geometry import as_affine, world_to_voxel
 
@@ -288,6 +295,10 @@ def crop_patch(
 class Explainer:
     """Saliency maps of findings for one network; builds MONAI's explainer once for many findings.
 
+    For Grad-CAM the target layer's :class:`~volcnn.explain.cell_geometry.CellGeometry` (``cell_geometry``) is
+    measured here, once (a NaN probe of copies of the network on the CPU, cached by architecture; see
+    :func:`~volcnn.explain.cell_geometry.layer_cell_geometry`), and puts every map on the patch.
+
     Args:
         network: classifier ``(B, C, *patch_size)`` -> logits ``(B, K)``; it is copied, never modified.
         patch_size: the network's input size ``(px, py, pz)`` in preprocessed voxels.
@@ -344,6 +355,8 @@ class Explainer:
             if getattr(module, "inplace", False) is True:
                 module.inplace = False  # type: ignore[assignment]
         self.target_layer: str | None = None
+        #: where the Grad-CAM layer's cells sit on the patch (None for occlusion)
+        self.cell_geometry: CellGeometry | None = None
         self._cam: GradCAM | None = None
         self._occlusion: OcclusionSensitivity | None = None
         if method in ("gradcam", "gradcampp"):
@@ -352,9 +365,16 @@ class Explainer:
             elif target_layer not in _layer_names(self.network):
                 raise _unknown_layer(self.network, target_layer)
             self.target_layer = target_layer
+            # before the hooks go on: the probe runs copies of the network
+            self.cell_geometry = layer_cell_geometry(self.network, target_layer, self.patch_size)
             hooked = _LogOddsHooks(self.network, target_layer, register_forward=True, register_backward=True)
             cam_type = GradCAMpp if method == "gradcampp" else GradCAM
-            self._cam = cam_type(hooked, target_layer, postprocessing=_identity)  # type: ignore[arg-type]
+            self._cam = cam_type(
+                hooked,  # type: ignore[arg-type]
+                target_layer,
+                upsampler=cell_upsampler(self.cell_geometry),
+                postprocessing=_identity,
+            )
         else:
             if mask_size is None:
                 mask = np.maximum(2, np.asarray(self.patch_size) // 4)
