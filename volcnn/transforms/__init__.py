@@ -6,6 +6,7 @@ from volcnn.transforms.chains import augmentation_transforms, deterministic_tran
 from volcnn.transforms.crop import CropOrFitd, FitVolume, WorldPatchCrop
 from volcnn.transforms.geometry import voxel_to_world, world_to_voxel
 from volcnn.transforms.intensity import HUWindow, HUWindowd
+from volcnn.transforms.resample import ResampleToSpacing, ResampleToSpacingd
 from volcnn.transforms.volume_cache import PreprocessVolumed, volume_transforms
 
 __all__ = [
@@ -20,5 +21,7 @@ __all__ = [
     "HUWindow",
     "HUWindowd",
     "PreprocessVolumed",
+    "ResampleToSpacing",
+    "ResampleToSpacingd",
     "volume_transforms",
 ]
