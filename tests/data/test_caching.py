@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def test_truncated_cache_file_is_recomputed(datalist: list[dict], tmp_path: Path
     with pytest.warns(UserWarning, match=f"unreadable cache file {victim}.*recomputing"):
         again = items(make_dataset(datalist, chain(), "disk", cache_dir=cache_dir))
     assert_same_items(again, expected)
-    assert torch.load(victim, weights_only=True)["image"].shape == expected[0]["image"].shape  # rewritten whole
+    with torch.serialization.safe_globals([MetaTensor]):
+        rewritten = torch.load(victim, weights_only=True)
+    assert rewritten["image"].shape == expected[0]["image"].shape  # rewritten whole
 
 
 def test_failed_write_leaves_no_partial_file(datalist: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -238,3 +241,52 @@ def test_shard_errors_and_make_dataset_rank(datalist: list[dict]) -> None:
         make_dataset(datalist, chain(), "none", world_size=2)
     parts = [make_dataset(datalist, chain(), "none", rank=r, world_size=2, even_divisible=False) for r in range(2)]
     assert parts[0].data + parts[1].data == datalist
+
+
+def test_a_fresh_process_reads_the_cache_without_recomputing(datalist: list[dict], tmp_path: Path) -> None:
+    """Validation items carry MONAI's applied_operations (TraceKeys enums): they must load under weights_only=True
+    in a process that has registered nothing, or every read silently falls back to recomputing."""
+    cache_dir = tmp_path / "cache"
+    val_chain = Compose([chain(), validation_transforms(BASE["patch_size"])]).flatten()
+    expected = items(make_dataset(datalist, val_chain, "disk", cache_dir=cache_dir))
+    for entry in datalist:
+        Path(entry["image"]).unlink(missing_ok=True)  # a recomputation would now fail to load the volume
+    code = textwrap.dedent(
+        f"""
+        import json, warnings
+        warnings.filterwarnings("error", message=".*unreadable cache file")
+        from monai.transforms import Compose
+        from volcnn.data import make_dataset
+        from volcnn.transforms import deterministic_transforms, validation_transforms
+        from volcnn.io import load_datalist
+        data = load_datalist({str(tmp_path / "cohort" / "datalist.json")!r}, "training")
+        datalist = [*data, {{"image": data[0]["image"], "label": 1}}]  # as the fixture builds it
+        base = {BASE!r}
+        val_chain = Compose([deterministic_transforms(**base), validation_transforms(base["patch_size"])]).flatten()
+        ds = make_dataset(datalist, val_chain, "disk", cache_dir={str(cache_dir)!r}, progress=False)
+        print(json.dumps([float(ds[i]["image"].sum()) for i in range(len(ds))]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sums = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sums == pytest.approx([float(e["image"].sum()) for e in expected], rel=0, abs=1e-3)
+
+
+def test_fresh_and_cached_items_have_the_same_types(datalist: list[dict], tmp_path: Path) -> None:
+    """A batch may mix items computed now with items read back; collation needs them alike."""
+    cache_dir = tmp_path / "cache"
+    val_chain = Compose([chain(), validation_transforms(BASE["patch_size"])]).flatten()
+    fresh = items(make_dataset(datalist, val_chain, "disk", cache_dir=cache_dir))
+    cached = items(make_dataset(datalist, val_chain, "disk", cache_dir=cache_dir))
+
+    def types(obj):
+        if isinstance(obj, dict):
+            return {str(k): types(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [types(v) for v in obj]
+        if isinstance(obj, MetaTensor):
+            return ("MetaTensor", types(dict(obj.meta)), types(list(obj.applied_operations)))
+        return type(obj).__name__
+
+    assert [types(i) for i in fresh] == [types(i) for i in cached]

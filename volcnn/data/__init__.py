@@ -18,6 +18,7 @@ from volcnn.data.caching import (
 )
 from volcnn.data.cohort import ORIENTATIONS, SyntheticCase, synthesize_case, synthesize_cohort
 from volcnn.data.dicom_series import write_dicom_series
+from volcnn.data.loader import ThreadDataLoader
 from volcnn.data.nodules import Nodule
 from volcnn.data.phantom import SIZES, CaseGeometry, SizeSpec
 
@@ -31,6 +32,7 @@ __all__ = [
     "SafePersistentDataset",
     "SizeSpec",
     "SyntheticCase",
+    "ThreadDataLoader",
     "make_dataset",
     "shard",
     "synthesize_case",

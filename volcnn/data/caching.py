@@ -193,8 +193,10 @@ def _storable(obj: Any) -> Any:
         return torch.as_tensor(obj)
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, enum.Enum):  # MONAI's TraceKeys (str enums) in applied_operations: plain values load safely
+        return _storable(obj.value)
     if isinstance(obj, Mapping):
-        return {k: _storable(v) for k, v in obj.items()}
+        return {_storable(k): _storable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return type(obj)(_storable(v) for v in obj) if not hasattr(obj, "_fields") else obj
     return obj
@@ -222,7 +224,8 @@ class SafePersistentDataset(PersistentDataset):
         hashfile = self.cache_dir / f"{name}.pt"
         if hashfile.is_file():
             try:
-                return torch.load(hashfile, weights_only=self.weights_only)
+                with torch.serialization.safe_globals([MetaTensor]):
+                    return torch.load(hashfile, weights_only=self.weights_only)
             except PermissionError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable file is recomputed, loudly
@@ -231,7 +234,9 @@ class SafePersistentDataset(PersistentDataset):
                     stacklevel=2,
                 )
                 hashfile.unlink(missing_ok=True)
-        item = self._pre_transform(deepcopy(item_transformed))  # keep the entry that was hashed unchanged
+        # the entry that was hashed stays unchanged; the item returned is what a later read of the file gives, so
+        # a batch never mixes fresh items (numpy in their meta) with cached ones (tensors)
+        item = _storable(self._pre_transform(deepcopy(item_transformed)))
         self._write(hashfile, item)
         return item
 
@@ -239,7 +244,7 @@ class SafePersistentDataset(PersistentDataset):
         tmp = hashfile.with_name(f".{hashfile.name}.{uuid.uuid4().hex}.tmp")  # hidden, never taken for a cache hit
         try:
             pickle_module = look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD)
-            torch.save(_storable(item), tmp, pickle_module=pickle_module, pickle_protocol=self.pickle_protocol)
+            torch.save(item, tmp, pickle_module=pickle_module, pickle_protocol=self.pickle_protocol)
             os.replace(tmp, hashfile)
         except OSError as e:  # read-only or full cache_dir: go on uncached (MONAI ignores PermissionError, #3613)
             warnings.warn(f"could not write cache file {hashfile} ({e}); this item stays uncached", stacklevel=3)
