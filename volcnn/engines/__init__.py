@@ -1,4 +1,5 @@
-"""Trainer / evaluator pieces on MONAI + Ignite used by the bundles: AMP, checkpoints, resume, monitoring."""
+"""Trainer / evaluator pieces on MONAI + Ignite used by the bundles: AMP, on-device augmentation, checkpoints, resume,
+monitoring."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
 from volcnn.engines.monitor import TrainingMonitor
 from volcnn.engines.options import as_bool
+from volcnn.engines.prepare import AugmentOnDevice, train_random_sources
 from volcnn.engines.progress import progress_bar
 from volcnn.engines.sampling import make_sampler
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
@@ -16,6 +18,7 @@ from volcnn.engines.workflow import quiet_non_rank0, run_training, seed_everythi
 
 __all__ = [
     "AmpPolicy",
+    "AugmentOnDevice",
     "AutocastInferer",
     "CheckpointError",
     "EvaluationReport",
@@ -36,4 +39,5 @@ __all__ = [
     "resolve_amp",
     "run_training",
     "seed_everything",
+    "train_random_sources",
 ]

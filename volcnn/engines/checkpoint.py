@@ -8,7 +8,9 @@ Layout in ``ckpt_dir``::
 Every file is written to a temporary file beside it, fsynced and renamed over the target
 (:func:`volcnn.io.atomic.atomic_path`), so a kill at any moment leaves the previous files intact. A full
 checkpoint holds the model, optimizer, scheduler and GradScaler states, the trainer's epoch, the best metric
-so far, the early-stopping state and every RNG state (:mod:`volcnn.engines.rng_state`), all in types that
+so far, the early-stopping state and every RNG state (:mod:`volcnn.engines.rng_state`: the global generators, the
+data loader's, and the transform states of the dataset's transform and of the trainer's ``prepare_batch``, where
+the on-device augmentation keeps its own, :func:`volcnn.engines.prepare.train_random_sources`), all in types that
 ``torch.load(weights_only=True)`` accepts.
 """
 
@@ -26,6 +28,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from volcnn.engines.dist import is_rank0
+from volcnn.engines.prepare import train_random_sources
 from volcnn.engines.rng_state import capture_rng, restore_rng
 from volcnn.io.atomic import atomic_path, atomic_write_json
 
@@ -234,7 +237,7 @@ class TrainingCheckpointer:
                 "max_epochs": int(engine.state.max_epochs or 0),
             },
             "state": {name: obj.state_dict() for name, obj in self.save_dict.items()},
-            "rng": capture_rng(_train_transform(loader), _loader_generators(loader)),
+            "rng": capture_rng(train_random_sources(engine), _loader_generators(loader)),
             "best": {"metric": self.key_metric, "value": self.best_value, "epoch": self.best_epoch},
             "early_stopping": {"patience": self.patience, "stopped": self.stopped_early},
             "history": list(self.history),
@@ -302,7 +305,7 @@ class TrainingCheckpointer:
         if missing:
             raise CheckpointError(f"{path}: has no state for {missing}")
         try:  # before loading any state, so a refused checkpoint leaves the trainer untouched
-            restore_rng(ckpt["rng"], _train_transform(loader), _loader_generators(loader))
+            restore_rng(ckpt["rng"], train_random_sources(engine), _loader_generators(loader))
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         for name, obj in self.save_dict.items():
@@ -327,11 +330,6 @@ class TrainingCheckpointer:
         if self.trainer is None:
             raise RuntimeError("TrainingCheckpointer is not attached to a trainer")
         return self.trainer
-
-
-def _train_transform(loader: Any) -> Any:
-    dataset = getattr(loader, "dataset", None)
-    return getattr(dataset, "transform", None)
 
 
 def _loader_generators(loader: Any) -> dict[str, torch.Generator]:

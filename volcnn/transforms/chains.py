@@ -4,6 +4,12 @@ Deterministic: :class:`~volcnn.transforms.volume_cache.PreprocessVolumed` (load,
 then :class:`~volcnn.transforms.crop.CropOrFitd` (candidate patch around ``center`` or the whole volume) giving
 ``(1, *(patch_size + 2 * margin))``. Random: affine, flips, 90-degree rotations, final crop to ``patch_size``,
 noise, intensity shift. Validation ends with the same centre crop and no randomness.
+
+The bundle trains with the batched equivalent of the random chain,
+:class:`~volcnn.transforms.batch_augment.BatchRandAugment`, run on the training device by the trainer's
+``prepare_batch`` (:class:`volcnn.engines.AugmentOnDevice`). :func:`augmentation_transforms` stays the per-sample
+MONAI reference: the definition of the augmentation distribution, the baseline of the benchmark and of the
+tests that check the batched version's geometry against it.
 """
 
 from __future__ import annotations
@@ -59,7 +65,14 @@ def augmentation_transforms(
     intensity_shift: float = 0.05,
     image_key: str = "image",
 ) -> Compose:
-    """The random chain applied after the cache: ``(1, *(patch + 2 margin))`` -> ``(1, *patch_size)``."""
+    """The per-sample MONAI random chain: ``(1, *(patch + 2 margin))`` -> ``(1, *patch_size)``.
+
+    ``RandAffined`` (with ``prob``, bilinear, border padding) -> ``RandFlipd`` per axis (0.5) -> ``RandRotate90d``
+    in the (0, 1) plane (``prob``) -> ``CenterSpatialCropd`` -> ``RandGaussianNoised`` (0.2) ->
+    ``RandShiftIntensityd`` (0.3). It runs on the CPU in the data loader, one sample at a time; training uses
+    :class:`~volcnn.transforms.batch_augment.BatchRandAugment`, which draws the same distribution for a whole
+    batch on its device.
+    """
     k = image_key
     rad = float(np.deg2rad(rotate_deg))
     return Compose(
