@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ("ours", "ours_nomask", "swi")
 
 
 def _network(args: argparse.Namespace):
@@ -42,9 +44,10 @@ def _network(args: argparse.Namespace):
 
     from volcnn.networks import create_network
 
+    torch.manual_seed(0)  # without weights, every process builds the same random network
     net = create_network(args.network, in_channels=1, num_classes=2, spatial_size=[args.patch] * 3)
-    if args.bundle:
-        state = torch.load(Path(args.bundle) / "models" / "model.pt", map_location="cpu", weights_only=True)
+    if args.weights:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     return net.eval()
 
@@ -119,6 +122,27 @@ def _stack_slices(path: str, slices: int, out: Path) -> str:
     return str(out)
 
 
+def central_slab(path: str, slices: int, out: Path) -> str:
+    """The central ``slices`` slices (last voxel axis) of the CT at ``path``, with the affine shifted to match."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    n = img.shape[2]
+    if slices >= n:
+        return path
+    start = (n - slices) // 2
+    nib.save(img.slicer[:, :, start : start + slices], out)
+    return str(out)
+
+
+def synthetic_ct(folder: Path, seed: int = 5) -> str:
+    """One ``full`` synthetic chest CT (512x512 slices) written by volcnn's synthesiser; returns its path."""
+    from volcnn.data import synthesize_cohort
+
+    synthesize_cohort(folder / "data", cases=1, seed=seed, size="full", val_fraction=0, test_fraction=0)
+    return str(next((folder / "data" / "images").glob("*.nii.gz")))
+
+
 def _agreement(ours: Path, swi: Path) -> dict:
     a, b = np.load(ours), np.load(swi)
     heat, heat_affine, mask = a["heat"], a["heat_affine"], a["mask"]
@@ -137,9 +161,83 @@ def _agreement(ours: Path, swi: Path) -> dict:
     return {"compared": int(inside.sum()), "max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
 
 
+def run(
+    image: str,
+    work: Path,
+    weights: str | None = None,
+    network: str = "valid_cnn3d",
+    patch: int = 32,
+    pixdim: float = 1.0,
+    stride_mm: float = 8.0,
+    batch: int = 32,
+    repeats: int = 3,
+    methods: tuple[str, ...] = METHODS,
+) -> dict:
+    """Time each method ``repeats`` times, each in its own process, interleaved; medians and the agreement.
+
+    Args:
+        image: the CT (NIfTI) to map.
+        work: a scratch folder for the heat maps being compared.
+        weights: a ``model.pt`` state dict for ``network`` (default: random initialisation).
+
+    Returns:
+        ``{"results": {method: {...,"seconds": median, "runs": [...]}}, "agreement": {...},
+        "heatmap_speedup_vs_swi": ..., "heatmap_speedup_vs_swi_no_mask": ..., "heatmap_agreement_max_abs": ...}``.
+    """
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for i in range(repeats):
+        for method in methods:
+            cmd = [sys.executable, __file__, "--method", method, "--save", str(work / f"{method}.npz"),
+                   "--image", image, "--network", network, "--patch", str(patch), "--pixdim", str(pixdim),
+                   "--stride-mm", str(stride_mm), "--batch", str(batch)]  # fmt: skip
+            if weights:
+                cmd += ["--weights", weights]
+            print(f"  inference: {method}, run {i + 1} of {repeats} ...", flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"inference benchmark ({method}) failed:\n{done.stderr[-3000:]}")
+            runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {}
+    for method, rs in runs.items():
+        results[method] = {**rs[0], "seconds": statistics.median(r["seconds"] for r in rs),
+                           "runs": [r["seconds"] for r in rs],
+                           "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}  # fmt: skip
+    summary: dict = {"results": results, "agreement": None}
+    if "swi" in results and "ours" in results:
+        agreement = _agreement(work / "ours.npz", work / "swi.npz")
+        summary["agreement"] = agreement
+        summary["heatmap_speedup_vs_swi"] = results["swi"]["seconds"] / results["ours"]["seconds"]
+        if "ours_nomask" in results:
+            summary["heatmap_speedup_vs_swi_no_mask"] = results["swi"]["seconds"] / results["ours_nomask"]["seconds"]
+        summary["heatmap_agreement_max_abs"] = agreement["max_abs"]
+    return summary
+
+
+def table(summary: dict, network: str, patch: int, stride_mm: float, pixdim: float) -> str:
+    """The printed form of :func:`run`'s result."""
+    shape = next(iter(summary["results"].values()))["shape"]
+    names = {"ours": "volcnn dense + body mask", "ours_nomask": "volcnn dense, no mask",
+             "swi": "MONAI SlidingWindowInferer"}  # fmt: skip
+    lines = [f"inference: {network} {patch}^3, stride {stride_mm} mm, volume {shape[0]}x{shape[1]}x{shape[2]} at "
+             f"{pixdim} mm; medians", f"{'method':28} {'heat map s':>11} {'runs':>24} {'peak RSS MB':>12}"]  # fmt: skip
+    for m, r in summary["results"].items():
+        runs = ", ".join(f"{s:.1f}" for s in r["runs"])
+        lines.append(f"{names[m]:28} {r['seconds']:11.1f} {runs:>24} {r['peak_rss_mb']:12.0f}")
+    if "heatmap_speedup_vs_swi" in summary:
+        swi = summary["results"]["swi"]
+        line = f"speed-up vs SWI: {summary['heatmap_speedup_vs_swi']:.1f}x"
+        if "heatmap_speedup_vs_swi_no_mask" in summary:
+            line += f" (structure alone, no mask: {summary['heatmap_speedup_vs_swi_no_mask']:.1f}x)"
+        lines.append(line + f"; SWI windows {swi['windows']}")
+        a = summary["agreement"]
+        lines.append(f"agreement over {a['compared']} window centres: max |dp| {a['max_abs']}, mean {a['mean_abs']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default=None, help="bundle folder with models/model.pt (default: random weights)")
+    p.add_argument("--weights", default=None, help="a model.pt state dict (instead of --bundle)")
     p.add_argument("--network", default="valid_cnn3d")
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--pixdim", type=float, default=1.0)
@@ -147,79 +245,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="SWI windows per forward pass")
     p.add_argument("--image", default=None, help="a CT to use instead of a synthetic full-size one")
     p.add_argument("--slices", type=int, default=None, help="stack the synthetic CT to this many slices (e.g. 600)")
+    p.add_argument("--slab", type=int, default=None, help="keep only the central N slices (a faster comparison)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method (median)")
     p.add_argument("--skip-swi", action="store_true", help="time ours only (the SWI baseline takes minutes)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bundle and not args.weights:
+        args.weights = str(Path(args.bundle) / "models" / "model.pt")
     if args.method:
         print(json.dumps(_child(args)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.image is None:
-            from volcnn.data import synthesize_cohort
-
-            synthesize_cohort(Path(tmp) / "data", cases=1, seed=5, size="full", val_fraction=0, test_fraction=0)
-            args.image = str(next((Path(tmp) / "data" / "images").glob("*.nii.gz")))
-            if args.slices:
-                args.image = _stack_slices(args.image, args.slices, Path(tmp) / "stacked.nii.gz")
-        methods = ["ours", "ours_nomask"] + ([] if args.skip_swi else ["swi"])
-        results: dict[str, dict] = {}
-        for method in methods:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--method",
-                method,
-                "--save",
-                str(Path(tmp) / f"{method}.npz"),
-                "--image",
-                args.image,
-                "--network",
-                args.network,
-                "--patch",
-                str(args.patch),
-                "--pixdim",
-                str(args.pixdim),
-                "--stride-mm",
-                str(args.stride_mm),
-                "--batch",
-                str(args.batch),
-            ]
-            if args.bundle:
-                cmd += ["--bundle", args.bundle]  # fmt: skip
-            print(f"running {method} ...", flush=True)
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                return 1
-            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
-        agreement = None if args.skip_swi else _agreement(Path(tmp) / "ours.npz", Path(tmp) / "swi.npz")
-    shape = results["ours"]["shape"]
-    print(f"\n{args.network} {args.patch}^3, stride {args.stride_mm} mm, CPU ({platform.machine()}), "
-          f"volume {shape[0]}x{shape[1]}x{shape[2]} at {args.pixdim} mm")  # fmt: skip
-    print(f"{'method':28} {'heat map s':>11} {'peak RSS MB':>12}")
-    names = {
-        "ours": "volcnn dense + body mask",
-        "ours_nomask": "volcnn dense, no mask",
-        "swi": "MONAI SlidingWindowInferer",
-    }
-    for m, r in results.items():
-        print(f"{names[m]:28} {r['seconds']:11.1f} {r['peak_rss_mb']:12.0f}")
-    summary: dict = {"results": results, "agreement": agreement}
-    if "swi" in results:
-        ratio = results["swi"]["seconds"] / results["ours"]["seconds"]
-        ratio_struct = results["swi"]["seconds"] / results["ours_nomask"]["seconds"]
-        summary.update(heatmap_speedup_vs_swi=ratio, heatmap_speedup_vs_swi_no_mask=ratio_struct,
-                       heatmap_agreement_max_abs=agreement["max_abs"] if agreement else None)  # fmt: skip
-        print(f"speed-up vs SWI: {ratio:.1f}x (structure alone, no mask: {ratio_struct:.1f}x); SWI windows "
-              f"{results['swi']['windows']}")  # fmt: skip
-        if agreement:
-            print(f"agreement over {agreement['compared']} window centres: max |dp| {agreement['max_abs']}, "
-                  f"mean {agreement['mean_abs']}")  # fmt: skip
+            args.image = synthetic_ct(Path(tmp))
+        if args.slices:
+            args.image = _stack_slices(args.image, args.slices, Path(tmp) / "stacked.nii.gz")
+        if args.slab:
+            args.image = central_slab(args.image, args.slab, Path(tmp) / "slab.nii.gz")
+        methods = ("ours", "ours_nomask") + (() if args.skip_swi else ("swi",))
+        summary = run(args.image, Path(tmp), args.weights, args.network, args.patch, args.pixdim, args.stride_mm,
+                      args.batch, args.repeats, methods)  # fmt: skip
+    print(table(summary, args.network, args.patch, args.stride_mm, args.pixdim))
     if args.out:
-        meta = {"network": args.network, "patch": args.patch, "stride_mm": args.stride_mm, "bundle": args.bundle,
-                "machine": platform.machine(), "python": platform.python_version()}  # fmt: skip
+        meta = {"network": args.network, "patch": args.patch, "stride_mm": args.stride_mm,
+                "trained": bool(args.weights), "python": platform.python_version()}  # fmt: skip
         Path(args.out).write_text(json.dumps({"config": meta, **summary}, indent=2) + "\n")
     return 0
 

@@ -1,21 +1,31 @@
-"""Training throughput of the bundle per precision: samples/s and peak memory, fp32 vs bf16 (and fp16 on CUDA).
+"""Training throughput: the bundle's data path vs the naive MONAI-tutorial path, and fp32 vs bf16.
 
-Runs the bundle's own ``train.json`` (through ``monai.bundle.ConfigWorkflow``) on a synthetic cohort, once per
-precision, each in a fresh process so peak memory is its own. Throughput is measured over the epochs after the
-first (the first fills the cache), from the first to the last iteration of each epoch, so validation is not
-counted::
+Every configuration runs the bundle's own ``train.json`` (``monai.bundle.ConfigWorkflow``) on the same synthetic
+cohort, model, batch size and optimiser, each in a fresh process so that peak memory is its own. Only the data
+path or the precision differs:
 
-    python pipelines/bench_train.py                       # CPU: fp32 vs bf16
-    python pipelines/bench_train.py --device cuda --network densenet121 --patch 64 --batch 32 --epochs 4
+- **bundle**: as shipped. The deterministic chain (load, RAS, 1 mm, HU window, candidate patch with margin) is
+  cached once (``CacheDataset``); a ``ThreadDataLoader`` batches the cached patches; the random augmentation runs
+  on the training device, one batched call per batch, in the trainer's ``prepare_batch``.
+- **naive**: the MONAI-tutorial path: ``Dataset`` + ``DataLoader(num_workers=N)`` with MONAI's standard
+  transforms (``LoadImaged``, ``EnsureChannelFirstd``, ``Orientationd``, ``Spacingd``, ``ScaleIntensityRanged``,
+  the candidate crop, then the per-sample random chain) run on every sample in every epoch.
 
-Prints a table and writes JSON (``--out``).
+Per epoch after the first (the first fills the cache), from ``EPOCH_STARTED`` to the last ``ITERATION_COMPLETED``
+(validation is not counted): patches/s, epoch time, the share of that time spent waiting for the data loader
+(Ignite's ``GET_BATCH_STARTED`` -> ``GET_BATCH_COMPLETED``) and the share spent in ``prepare_batch`` (moving the
+batch to the device and augmenting it there). Medians over the timed epochs::
+
+    python pipelines/bench_train.py                   # CPU: bundle fp32, bundle bf16, naive fp32
+    python pipelines/bench_train.py --device cuda --network densenet121 --patch 64 --batch 32
+
+Prints a table and writes JSON (``--out``). :func:`run` is what ``pipelines/benchmark.py`` calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,111 +33,275 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "bundles" / "lung_nodule_ct_classification" / "configs" / "train.json"
 
+#: the configurations compared, as (data path, precision)
+CONFIGS = (("bundle", "fp32"), ("bundle", "bf16"), ("naive", "fp32"))
 
-def _measure(args: argparse.Namespace) -> dict:
-    """One training run in this process; returns samples/s per epoch after the first and peak memory."""
+
+def naive_transforms(patch: int, margin: int, pixdim: float = 1.0, hu_window: tuple[float, float] = (-1000, 400)):
+    """The MONAI-tutorial chain, every transform on every sample: path -> ``(1, patch, patch, patch)`` in [0, 1]."""
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    from volcnn.transforms import augmentation_transforms
+    from volcnn.transforms.crop import CropOrFitd
+
+    k = "image"
+    return Compose(
+        [
+            LoadImaged(k),
+            EnsureChannelFirstd(k),
+            Orientationd(k, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(k, pixdim=(pixdim,) * 3, mode="bilinear"),
+            ScaleIntensityRanged(k, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+            CropOrFitd(k, patch_size=(patch,) * 3, margin=margin),
+            augmentation_transforms((patch,) * 3),
+        ]
+    )
+
+
+def _naive_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides that swap the bundle's data path for the naive one (objects, not config text)."""
+    from monai.data import DataLoader, Dataset
+    from monai.engines import PrepareBatchDefault
+
+    from volcnn.io import load_datalist
+
+    entries = load_datalist(str(Path(args.data) / "datalist.json"), "training", args.data)
+    dataset = Dataset(entries, transform=naive_transforms(args.patch, args.margin))
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=len(entries) > args.batch,
+        num_workers=args.naive_workers,
+        persistent_workers=args.naive_workers > 0,
+    )
+    return {"train#dataset": dataset, "train#dataloader": loader, "train#prepare_batch": PrepareBatchDefault()}
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One training run in this process: per-epoch throughput, data wait and device-side preparation time."""
     import torch
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
     amp = args.precision != "fp32"
     dtype = {"fp32": "auto", "bf16": "bfloat16", "fp16": "float16"}[args.precision]
+    overrides = _naive_overrides(args) if args.path == "naive" else {}
     wf = ConfigWorkflow(
         config_file=str(TRAIN), workflow_type=None, run_id="training", dataset_dir=args.data,
         datalist=str(Path(args.data) / "datalist.json"), output_dir=args.run_dir, device=args.device,
-        network_def=args.network, patch_size=[args.patch] * 3, margin=4, batch_size=args.batch,
-        max_epochs=args.epochs, amp=amp, amp_dtype=dtype, num_workers=args.workers, progress=False, seed=0,
+        network_def=args.network, patch_size=[args.patch] * 3, margin=args.margin, batch_size=args.batch,
+        max_epochs=args.epochs, amp=amp, amp_dtype=dtype, progress=False, seed=0, val_interval=10**6,
+        **overrides,
     )  # fmt: skip
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    timing: dict[str, float] = {}
-    rates: list[float] = []
+    cuda = torch.device(args.device).type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    clock: dict[str, float] = {}
+    epochs: list[dict[str, float]] = []
+    prepare = trainer.prepare_batch
+
+    def timed_prepare(*a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        out = prepare(*a, **kw)
+        sync()
+        clock["prepare"] += time.perf_counter() - t
+        return out
+
+    trainer.prepare_batch = timed_prepare
 
     def started(engine) -> None:
-        timing["t0"], timing["n"] = time.perf_counter(), 0
+        clock.update(t0=time.perf_counter(), n=0, wait=0.0, prepare=0.0)
+
+    def get_started(engine) -> None:
+        clock["g"] = time.perf_counter()
+
+    def get_completed(engine) -> None:
+        clock["wait"] += time.perf_counter() - clock["g"]
 
     def iteration(engine) -> None:
-        if engine.state.device.type == "cuda":
-            torch.cuda.synchronize()
-        timing["t1"] = time.perf_counter()
-        timing["n"] += len(engine.state.output)
+        sync()
+        clock["t1"] = time.perf_counter()
+        clock["n"] += len(engine.state.output)
 
     def completed(engine) -> None:
-        if engine.state.epoch > 1:
-            rates.append(timing["n"] / (timing["t1"] - timing["t0"]))
+        seconds = clock["t1"] - clock["t0"]
+        epochs.append(
+            {
+                "epoch": engine.state.epoch,
+                "seconds": seconds,
+                "samples": clock["n"],
+                "samples_per_s": clock["n"] / seconds,
+                "data_wait_fraction": clock["wait"] / seconds,
+                "prepare_fraction": clock["prepare"] / seconds,
+            }
+        )
 
     trainer.add_event_handler(Events.EPOCH_STARTED, started)
+    trainer.add_event_handler(Events.GET_BATCH_STARTED, get_started)
+    trainer.add_event_handler(Events.GET_BATCH_COMPLETED, get_completed)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, iteration)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, completed)
-    if args.device == "cuda":
+    util = None
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    wf.run()
-    result = {
+        from bench_compute import gpu_utilisation  # the sibling script (this file runs as a script)
+
+        with gpu_utilisation() as util:
+            wf.run()
+    else:
+        wf.run()
+    timed = [e for e in epochs if e["epoch"] > 1]
+    result: dict[str, Any] = {
+        "path": args.path,
         "precision": args.precision,
         "policy": trainer.amp_policy.describe(),
-        "samples_per_s": statistics.median(rates) if rates else None,
-        "samples_per_s_per_epoch": rates,
+        "loader": type(trainer.data_loader).__name__,
+        "epochs": epochs,
+        "first_epoch_s": epochs[0]["seconds"] if epochs else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if args.device == "cuda":
+    for key in ("seconds", "samples_per_s", "data_wait_fraction", "prepare_fraction"):
+        result[key if key != "seconds" else "epoch_s"] = statistics.median(e[key] for e in timed) if timed else None
+    if cuda:
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
+        result["gpu_util"] = util.summary() if util is not None else None
     return result
+
+
+def run(
+    data: Path,
+    work: Path,
+    device: str = "cpu",
+    network: str = "valid_cnn3d",
+    patch: int = 32,
+    margin: int = 6,
+    batch: int = 16,
+    epochs: int = 4,
+    naive_epochs: int = 4,
+    naive_workers: int = 2,
+    configs: tuple[tuple[str, str], ...] = CONFIGS,
+) -> dict[str, Any]:
+    """Train each configuration on the cohort in ``data`` (a ``volcnn synth`` folder) in its own process.
+
+    Returns:
+        ``{"config": ..., "results": [one dict per configuration], "epoch_speedup_vs_naive": naive epoch time /
+        bundle fp32 epoch time, "data_wait_fraction": the bundle fp32 path's, "bf16_speedup": ...}``.
+    """
+    results = []
+    for path, precision in configs:
+        n_epochs = naive_epochs if path == "naive" else epochs
+        cmd = [sys.executable, __file__, "--child", "--path", path, "--precision", precision, "--data", str(data),
+               "--run-dir", str(work / f"{path}_{precision}"), "--device", device, "--network", network,
+               "--patch", str(patch), "--margin", str(margin), "--batch", str(batch), "--epochs", str(n_epochs),
+               "--naive-workers", str(naive_workers)]  # fmt: skip
+        print(f"  training: {path} data path, {precision}, {n_epochs} epochs ...", flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"training benchmark ({path}, {precision}) failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by = {(r["path"], r["precision"]): r for r in results}
+    ours, naive, bf16 = by.get(("bundle", "fp32")), by.get(("naive", "fp32")), by.get(("bundle", "bf16"))
+    summary: dict[str, Any] = {
+        "config": {
+            "network": network,
+            "patch": patch,
+            "margin": margin,
+            "batch": batch,
+            "device": device,
+            "epochs": epochs,
+            "naive_epochs": naive_epochs,
+            "naive_workers": naive_workers,
+        },  # fmt: skip
+        "results": results,
+    }
+    if ours and naive and ours["epoch_s"] and naive["epoch_s"]:
+        summary["epoch_speedup_vs_naive"] = naive["epoch_s"] / ours["epoch_s"]
+    if ours:
+        summary["data_wait_fraction"] = ours["data_wait_fraction"]
+    if ours and bf16 and ours["samples_per_s"] and bf16["samples_per_s"]:
+        summary["bf16_speedup"] = bf16["samples_per_s"] / ours["samples_per_s"]
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The printed form of :func:`run`'s result."""
+    c = summary["config"]
+    lines = [
+        f"training: {c['network']}, {c['patch']}^3 patches, batch {c['batch']}, {c['device']}; medians of epochs 2..N",
+        f"{'data path':10} {'precision':9} {'loader':17} {'patches/s':>10} {'epoch s':>8} {'1st epoch s':>11} "
+        f"{'data wait':>9} {'prepare':>8} {'peak RSS MB':>11}",
+    ]
+    for r in summary["results"]:
+        lines.append(
+            f"{r['path']:10} {r['precision']:9} {r['loader']:17} {r['samples_per_s']:10.1f} {r['epoch_s']:8.2f} "
+            f"{r['first_epoch_s']:11.2f} {r['data_wait_fraction']:9.1%} {r['prepare_fraction']:8.1%} "
+            f"{r['peak_rss_mb']:11.0f}"
+        )
+    for r in summary["results"]:
+        util = r.get("gpu_util")
+        if util:
+            lines.append(f"GPU utilisation during training ({r['path']}, {r['precision']}): mean {util['mean']:.0f}%, "
+                         f"median {util['median']:.0f}%")  # fmt: skip
+    if "epoch_speedup_vs_naive" in summary:
+        lines.append(f"epoch speed-up vs naive: {summary['epoch_speedup_vs_naive']:.1f}x")
+    if "bf16_speedup" in summary:
+        lines.append(f"bf16 vs fp32 (bundle path): {summary['bf16_speedup']:.2f}x")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--network", default="resnet10")
+    p.add_argument("--network", default="valid_cnn3d")
     p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--margin", type=int, default=6)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=3, help="total epochs; the first is not timed")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--cases", type=int, default=12)
-    p.add_argument("--precisions", default=None, help="comma list of fp32,bf16,fp16 (default: per device)")
+    p.add_argument("--epochs", type=int, default=4, help="bundle-path epochs; the first is not timed")
+    p.add_argument("--naive-epochs", type=int, default=4, help="naive-path epochs; the first is not timed")
+    p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers of the naive path")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--negatives", type=int, default=20)
     p.add_argument("--out", default=None, help="JSON file for the results")
-    p.add_argument("--precision", help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", default="bundle", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.precision:  # child process: one measurement, JSON on the last stdout line
+    if args.child:  # one measurement, JSON on the last stdout line
         print(json.dumps(_measure(args)))
         return 0
 
     from volcnn.data import synthesize_cohort
 
-    precisions = (args.precisions or ("fp32,bf16,fp16" if args.device == "cuda" else "fp32,bf16")).split(",")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        synthesize_cohort(data, cases=args.cases, seed=0, size="small", negatives=30)
-        results = []
-        for precision in precisions:
-            cmd = [sys.executable, __file__, "--precision", precision, "--data", str(data),
-                   "--run-dir", str(Path(tmp) / precision), "--device", args.device, "--network", args.network,
-                   "--patch", str(args.patch), "--batch", str(args.batch), "--epochs", str(args.epochs),
-                   "--workers", str(args.workers)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                return 1
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = results[0]["samples_per_s"]
-    where = f"device {args.device} ({platform.processor() or platform.machine()})"
-    print(f"\n{args.network}, {args.patch}^3 patches, batch {args.batch}, {where}")
-    print(f"{'precision':10} {'policy':42} {'samples/s':>10} {'vs fp32':>8} {'peak RSS MB':>12} {'peak GPU MB':>12}")
-    for r in results:
-        ratio = r["samples_per_s"] / base if base and r["samples_per_s"] else float("nan")
-        gpu = f"{r['peak_gpu_mem_mb']:.0f}" if "peak_gpu_mem_mb" in r else "-"
-        print(f"{r['precision']:10} {r['policy']:42} {r['samples_per_s']:10.1f} {ratio:7.2f}x {r['peak_rss_mb']:12.0f} "
-              f"{gpu:>12}")  # fmt: skip
+        synthesize_cohort(data, cases=args.cases, seed=0, size="small", negatives=args.negatives)
+        configs = CONFIGS + ((("bundle", "fp16"),) if args.device == "cuda" else ())
+        summary = run(data, Path(tmp), args.device, args.network, args.patch, args.margin, args.batch, args.epochs,
+                      args.naive_epochs, args.naive_workers, configs)  # fmt: skip
+    print(table(summary))
     if args.out:
-        meta = {"network": args.network, "patch": args.patch, "batch": args.batch, "device": args.device,
-                "epochs": args.epochs, "python": platform.python_version(), "machine": platform.machine()}  # fmt: skip
-        Path(args.out).write_text(json.dumps({"config": meta, "results": results}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
