@@ -29,6 +29,8 @@ against ~4-6 s and ~2.2 GB extra for ``Spacingd``; values agree with it to ~0.02
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
@@ -147,18 +149,55 @@ def _axis_plan(a: float, b: float, n_in: int, n_out: int) -> _Plan | None:
     return i0, (p - i0).astype(np.float32)
 
 
-def _interp_axis_numpy(x: np.ndarray, dim: int, i0: np.ndarray, w: np.ndarray | None, out: Any = None) -> np.ndarray:
+class _Scratch:
+    """Two reusable float32 buffers of one worker thread, used in turn by the interpolation steps of its slabs.
+
+    Each step gathers into one buffer what the previous step left in the other. Allocating these temporaries
+    afresh for every slab made glibc map and unmap them again and again: with one worker (a DataLoader worker runs
+    torch with one thread) a whole CT's resampling took ~320k page faults instead of ~50k, 0.9 s instead of 0.3 s.
+    """
+
+    def __init__(self) -> None:
+        self._buffers = [np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)]
+        self._next = 0
+
+    def __call__(self, shape: Sequence[int]) -> np.ndarray:
+        """The next buffer as an uninitialised float32 array of ``shape`` (valid until the one after is asked for)."""
+        i, self._next = self._next, 1 - self._next
+        n = int(np.prod(shape))
+        if self._buffers[i].size < n:
+            self._buffers[i] = np.empty(n + n // 4, dtype=np.float32)  # headroom: slabs differ a little in size
+        return self._buffers[i][:n].reshape(shape)
+
+
+def _interp_axis_numpy(
+    x: np.ndarray,
+    dim: int,
+    i0: np.ndarray,
+    w: np.ndarray | None,
+    out: Any = None,
+    scratch: _Scratch | None = None,
+) -> np.ndarray:
     """Linear interpolation of ``x`` along ``dim`` at ``i0 + w`` (the size along ``dim`` becomes ``len(i0)``), in
     float32, written into ``out`` when given. One gather of both neighbours (``np.take``) and three in-place ufunc
-    passes over a slab that stays in cache; numpy releases the GIL, so slabs run in parallel threads."""
+    passes over a slab that stays in cache; numpy releases the GIL, so slabs run in parallel threads. With
+    ``scratch`` a float32 ``x`` is gathered into a reused buffer (the result, when not ``out``, lives there)."""
     m = len(i0)
+    index = i0 if w is None else np.concatenate([i0, i0 + 1])
+    if scratch is not None and x.dtype == np.float32:
+        shape = list(x.shape)
+        shape[dim] = len(index)
+        # the indices are in range by construction; with mode="clip" take writes straight into the buffer given
+        # (mode="raise" would gather into a temporary first)
+        gathered = np.take(x, index, axis=dim, out=scratch(shape), mode="clip")
+    else:
+        gathered = np.take(x, index, axis=dim)
     if w is None:
-        picked = np.take(x, i0, axis=dim)
         if out is None:
-            return picked.astype(np.float32, copy=False)
-        out[...] = picked
+            return gathered.astype(np.float32, copy=False)
+        out[...] = gathered
         return out
-    both = np.take(x, np.concatenate([i0, i0 + 1]), axis=dim).astype(np.float32, copy=False)
+    both = gathered.astype(np.float32, copy=False)
     lead = (slice(None),) * dim
     lo, hi = both[(*lead, slice(0, m))], both[(*lead, slice(m, 2 * m))]
     shape = [1] * x.ndim
@@ -320,9 +359,14 @@ def resample_linear(
             _separable_slab(x, plans, o0, min(shape[0], o0 + rows), out, _interp_axis_torch)
         return out.permute(back)
     xs, outs = x.detach().numpy(), out.numpy()
+    local = threading.local()
 
     def run(o0: int) -> None:
-        _separable_slab(xs, plans, o0, min(shape[0], o0 + rows), outs, _interp_axis_numpy)
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = _Scratch()
+        interp = functools.partial(_interp_axis_numpy, scratch=scratch)
+        _separable_slab(xs, plans, o0, min(shape[0], o0 + rows), outs, interp)
 
     n_workers = min(len(starts), max(1, min(8, torch.get_num_threads() if workers is None else int(workers))))
     if n_workers == 1:
