@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from volcnn.networks import create_network  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from bench_preprocess import memory_mb  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 VARIANTS = ("eager", "channels_last", "compile")
@@ -246,7 +248,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return memory_mb()[1]
 
 
 class _Trainer:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from bench_preprocess import memory_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("ours", "ours_nomask", "swi")
@@ -106,7 +108,7 @@ def _child(args: argparse.Namespace) -> dict:
         probs = (swi[hit] / ones[hit]).numpy()
         np.savez(args.save, centres=idx.numpy(), probs=probs, affine=np.asarray(image.affine))
         result["windows"] = int(idx.shape[0])
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = memory_mb()[1]
     return result
 
 

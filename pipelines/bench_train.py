@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from bench_preprocess import memory_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "bundles" / "lung_nodule_ct_classification" / "configs" / "train.json"
@@ -176,7 +178,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "loader": type(trainer.data_loader).__name__,
         "epochs": epochs,
         "first_epoch_s": epochs[0]["seconds"] if epochs else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": memory_mb()[1],
     }
     for key in ("seconds", "samples_per_s", "data_wait_fraction", "prepare_fraction"):
         result[key if key != "seconds" else "epoch_s"] = statistics.median(e[key] for e in timed) if timed else None
