@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+BENCH_OUT ?= benchmark.json
 
-.PHONY: demo test test-all lint typecheck bundle-check clean
+.PHONY: demo test test-all bench lint typecheck bundle-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check -q volcnn tests tools pipelines
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the performance benchmark (pipelines/benchmark.py): table on stdout, JSON in $(BENCH_OUT); ~20 min on 2 CPU cores
+bench: $(STAMP)
+	$(PY) pipelines/benchmark.py --out $(BENCH_OUT)
+
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
@@ -39,4 +44,4 @@ bundle-check: $(STAMP)
 	$(PY) tools/verify_bundle.py bundles/lung_nodule_ct_classification
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(DEMO_OUT) $(BENCH_OUT) .pytest_cache .ruff_cache .mypy_cache
