@@ -108,9 +108,12 @@ def test_bad_bool_option_is_refused(cohort, tmp_path):
     assert result.returncode != 0 and "expected a boolean" in result.stderr
 
 
-def test_bad_scan_fails_training_with_the_readers_message(cohort, tmp_path):
+@pytest.mark.parametrize("cache", ["ram", "disk"])
+def test_bad_scan_fails_training_with_the_readers_message(cohort, tmp_path, cache):
     """Training loads through the same validated reader as ingest and inference: a truncated scan is refused at
-    load with the reader's message naming the file, not as a shape error inside the network."""
+    load with the reader's message naming the file, not as a shape error inside the network. With the disk cache
+    the scan is first read inside the loader's thread during the epoch: the error must still stop the run (MONAI's
+    ThreadDataLoader ended the epoch early instead and training went on)."""
     data = json.loads((cohort / "datalist.json").read_text())
     good = cohort / data["training"][0]["image"]
     bad = tmp_path / "truncated.nii.gz"
@@ -119,7 +122,7 @@ def test_bad_scan_fails_training_with_the_readers_message(cohort, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(data))
     args = ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(cohort),
-            "--datalist", str(datalist), "--output_dir", str(tmp_path / "o"), *SMALL]  # fmt: skip
+            "--datalist", str(datalist), "--output_dir", str(tmp_path / "o"), *SMALL, "--cache", cache]  # fmt: skip
     result = _bundle(args, tmp_path)
     assert result.returncode != 0
     assert f"{bad}: cannot read NIfTI" in result.stdout + result.stderr
@@ -159,3 +162,26 @@ def test_bundle_trains_with_cuda_amp(cohort, tmp_path, dtype):
     assert f"training precision: {dtype} autocast on cuda" in result.stdout + result.stderr
     ckpt = torch.load(out / "models" / "checkpoint_epoch0002.pt", map_location="cpu", weights_only=True)
     assert ("scaler" in ckpt["state"]) == (dtype == "float16")
+
+
+def test_channels_last_option_puts_weights_and_batches_in_channels_last(cohort, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"dataset_dir": str(cohort), "datalist": str(cohort / "datalist.json"), "device": "cpu",
+                   "output_dir": str(tmp_path / "o"), "network_def": "valid_cnn3d", "patch_size": [32, 32, 32],
+                   "margin": 2, "batch_size": 2})  # fmt: skip
+    for flag in (True, False):
+        parser["channels_last"] = flag
+        parser.parse(reset=True)
+        net = parser.get_parsed_content("network")
+        # with one input channel both layouts are contiguous; the other convolutions tell them apart
+        weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1]
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) == flag for w in weights)
+        prepare = parser.get_parsed_content("train#prepare_batch")
+        batch = {"image": torch.rand(2, 1, 36, 36, 36), "label": torch.tensor([0, 1])}
+        image, _ = prepare(batch, torch.device("cpu"))
+        assert image.shape == (2, 1, 32, 32, 32)  # one channel: both layouts are the same strides
+        logits = net(image)
+        assert logits.shape == (2, 2)
