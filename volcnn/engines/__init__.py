@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from volcnn.engines.amp import AmpPolicy, resolve_amp
 from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_checkpoint
-from volcnn.engines.dist import is_rank0, process_rank
+from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
 from volcnn.engines.monitor import TrainingMonitor
@@ -20,6 +20,7 @@ __all__ = [
     "AmpPolicy",
     "AugmentOnDevice",
     "AutocastInferer",
+    "BroadcastBuffers",
     "CheckpointError",
     "EvaluationReport",
     "NonFiniteLossError",

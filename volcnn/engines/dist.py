@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
+from ignite.engine import Engine, Events
 
-__all__ = ["process_rank", "is_rank0"]
+__all__ = ["process_rank", "is_rank0", "BroadcastBuffers"]
 
 
 def process_rank() -> int:
@@ -19,3 +21,28 @@ def process_rank() -> int:
 def is_rank0() -> bool:
     """``True`` on the process that logs and writes files (rank 0, or the only process)."""
     return process_rank() == 0
+
+
+class BroadcastBuffers:
+    """At the end of every training epoch, copy rank 0's module buffers (BatchNorm running statistics) to all ranks.
+
+    DDP broadcasts buffers at the start of each training forward, but that forward then updates them on every rank
+    from its own batch, so after an epoch each rank's statistics differ. Validation on the ranks' shards must use the
+    weights that rank 0 saves, or the gathered metric would describe no saved model. Attach it before the
+    ``ValidationHandler``; without an initialised process group it does nothing.
+    """
+
+    def __init__(self, network: torch.nn.Module, src: int = 0) -> None:
+        self.network = network
+        self.src = int(src)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        module = getattr(self.network, "module", self.network)
+        with torch.no_grad():
+            for buffer in module.buffers():
+                dist.broadcast(buffer, self.src)
