@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_preprocess import memory_mb  # noqa: E402
+from bench_preprocess import memory_mb, synthetic_full_ct  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("ours", "ours_nomask", "swi")
@@ -135,14 +135,6 @@ def central_slab(path: str, slices: int, out: Path) -> str:
     start = (n - slices) // 2
     nib.save(img.slicer[:, :, start : start + slices], out)
     return str(out)
-
-
-def synthetic_ct(folder: Path, seed: int = 5) -> str:
-    """One ``full`` synthetic chest CT (512x512 slices) written by volcnn's synthesiser; returns its path."""
-    from volcnn.data import synthesize_cohort
-
-    synthesize_cohort(folder / "data", cases=1, seed=seed, size="full", val_fraction=0, test_fraction=0)
-    return str(next((folder / "data" / "images").glob("*.nii.gz")))
 
 
 def _agreement(ours: Path, swi: Path) -> dict:
@@ -261,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.image is None:
-            args.image = synthetic_ct(Path(tmp))
+            args.image = str(synthetic_full_ct(Path(tmp) / "data"))
         if args.slices:
             args.image = _stack_slices(args.image, args.slices, Path(tmp) / "stacked.nii.gz")
         if args.slab:

@@ -108,12 +108,6 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    from volcnn.io.atomic import atomic_write_json
-
-    atomic_write_json(path, payload)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results (written atomically)")
@@ -140,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         ct = None
         if {"preprocess", "inference"} & set(sections):
             print("synthesising one full CT ...", flush=True)
-            ct = bench_inference.synthetic_ct(work / "full")
+            ct = str(bench_preprocess.synthetic_full_ct(work / "full"))
         if "preprocess" in sections:
             print("preprocessing: ours vs SimpleITK ...", flush=True)
             pre = bench_preprocess.run(Path(ct), repeats=args.repeats)
@@ -196,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:32} {value if value is None else f'{value:.4g}'}{verdict}")
     print(f"total {report['seconds']:.0f} s")
     if args.out:
-        _atomic_json(args.out, report)
+        from volcnn.io.atomic import atomic_write_json
+
+        atomic_write_json(args.out, report)
         print(f"results: {args.out}")
     return 0
 
