@@ -234,6 +234,26 @@ def test_shard(n: int, world: int) -> None:
     assert len({len(p) for p in padded}) == 1 and set().union(*map(set, padded)) == set(data)
 
 
+@pytest.mark.parametrize("positives, negatives, world", [(3, 8, 3), (1, 20, 2), (5, 5, 4), (7, 100, 3)])
+def test_stratified_shards_split_every_class_evenly(positives: int, negatives: int, world: int) -> None:
+    """Each class is split within one entry across ranks and the parts' sizes are within one, so a rank's
+    class-balanced sampler sees the set's class mix; within a part the datalist order is kept (volumes together)."""
+    labels = [1] * positives + [0] * negatives  # all nodules in the first volumes: plain blocks would not spread them
+    data = [{"i": i, "label": y} for i, y in enumerate(labels)]
+    exact = [shard(data, r, world, even_divisible=False, stratify="label") for r in range(world)]
+    assert sorted(e["i"] for part in exact for e in part) == list(range(len(data)))  # each entry once
+    assert all([e["i"] for e in part] == sorted(e["i"] for e in part) for part in exact)
+    for label in set(labels):
+        per_rank = [sum(e["label"] == label for e in part) for part in exact]
+        assert max(per_rank) - min(per_rank) <= 1, (label, per_rank)
+    assert max(map(len, exact)) - min(map(len, exact)) <= 1
+    padded = [shard(data, r, world, stratify="label") for r in range(world)]
+    assert len({len(p) for p in padded}) == 1
+    assert all({e["i"] for e in p} == {e["i"] for e in x} for p, x in zip(padded, exact, strict=True))
+    with pytest.raises(ValueError, match="entry 2 has no such key"):
+        shard([*data[:2], {"i": 2}], 0, world, stratify="label")
+
+
 def test_shard_errors_and_make_dataset_rank(datalist: list[dict]) -> None:
     with pytest.raises(ValueError, match="rank"):
         shard([1, 2], 2, 2)

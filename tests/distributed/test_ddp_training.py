@@ -28,16 +28,23 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
-def _torchrun(cohort: Path, out: Path, epochs: int, resume: bool = False) -> subprocess.CompletedProcess:
-    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
-    args = ["--dataset_dir", str(cohort), "--datalist", str(cohort / "datalist.json"), "--output_dir", str(out),
-            "--max_epochs", str(epochs), "--resume", str(resume).lower()]  # fmt: skip
-    for key, value in SMALL.items():
+def _bundle_args(cohort: Path, out: Path, **extra: object) -> list[str]:
+    args = ["--dataset_dir", str(cohort), "--datalist", str(cohort / "datalist.json"), "--output_dir", str(out)]
+    for key, value in {**SMALL, **extra}.items():
         args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "monai.bundle", "run", "training", "--config_file", configs, *args]  # fmt: skip
+    return args
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _torchrun(cohort: Path, out: Path, epochs: int, resume: bool = False) -> subprocess.CompletedProcess:
+    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
+    args = _bundle_args(cohort, out, max_epochs=epochs, resume=resume)
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                 "monai.bundle", "run", "training", "--config_file", configs, *args])  # fmt: skip
 
 
 def _single_process_val_auc(cohort: Path, weights: Path) -> float:
@@ -88,3 +95,24 @@ def test_resume_under_ddp_continues_from_the_last_checkpoint(cohort, ddp_run, tm
     assert not (out / "models" / "checkpoint_epoch0003.pt").exists()
     log = done.stdout + done.stderr
     assert "epoch 2" in log.lower()
+
+
+def test_distributed_evaluation_writes_what_one_process_writes(cohort, ddp_run, tmp_path):
+    """``multi_gpu_evaluate.json``: two ranks evaluate their blocks of the test (and threshold) sections; the gathered
+    metrics and per-case predictions equal a single-process evaluation of the same weights, row for row."""
+    outs = {}
+    for name, overlay in (("single", []), ("ddp", ["multi_gpu_evaluate.json"])):
+        out = tmp_path / name
+        (out / "models").mkdir(parents=True)
+        (out / "models" / "model.pt").write_bytes((ddp_run / "models" / "model.pt").read_bytes())
+        configs = str([str(CONFIGS / c) for c in ["train.json", "evaluate.json", *overlay]])
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if overlay else []
+        done = _run([sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", configs,
+                     *_bundle_args(cohort, out, n_boot=50)])  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        outs[name] = out
+    single, ddp = (json.loads((outs[n] / "metrics.json").read_text()) for n in ("single", "ddp"))
+    assert ddp["num_samples"] == single["num_samples"] > 0
+    assert ddp["metrics"] == single["metrics"]  # AUC, its bootstrap CI, threshold, confusion matrix, ECE...
+    rows = [(outs[n] / "predictions.csv").read_text().splitlines() for n in ("single", "ddp")]
+    assert rows[0] == rows[1]

@@ -563,3 +563,19 @@ def test_fresh_run_moves_an_earlier_runs_files_aside(tmp_path):
     assert sorted(p.name for p in archive.glob("checkpoint_epoch*.pt")) == before
     for path in archive.glob("checkpoint_epoch*.pt"):
         load_checkpoint(path)
+
+
+def test_resume_with_a_different_number_of_processes_is_refused(tmp_path):
+    """A DDP checkpoint holds one RNG snapshot per rank; resuming it with another world size cannot continue each
+    rank's streams, so it is refused with both counts named, before anything is restored."""
+    run = _setup(tmp_path, max_epochs=1)
+    run.trainer.run()
+    path = tmp_path / _ckpt_name(1)
+    ckpt = load_checkpoint(path)
+    ckpt["rng_ranks"] = [ckpt["rng"], ckpt["rng"]]  # as rank 0 of a two-process run writes it
+    torch.save(ckpt, path)
+    again = _setup(tmp_path, max_epochs=2, init_seed=1)
+    before = _weights(again.net)
+    with pytest.raises(CheckpointError, match=r"2 process\(es\), but this run has 1"):
+        again.ckpt.resume()
+    assert _equal(before, _weights(again.net)) and again.trainer.state.epoch == 0

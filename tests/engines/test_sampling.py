@@ -10,7 +10,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from torch.utils.data import WeightedRandomSampler
 
-from volcnn.engines.sampling import make_sampler
+from volcnn.engines.sampling import ShardSampler, make_sampler
 
 DRAWS = 20_000
 
@@ -120,3 +120,66 @@ def test_sampler_and_class_weighting_together_warn(caplog):
         make_sampler(_entries(), "sqrt", class_weighting=None)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "class counts {0: 50, 1: 1}" in caplog.text
+
+
+# --- ShardSampler (DDP) ------------------------------------------------------------------------------------------
+
+
+def _order(sampler: ShardSampler, epoch: int) -> list[int]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_shard_sampler_is_a_function_of_seed_rank_and_epoch():
+    """The same (seed, rank, epoch) gives the same order whatever the global RNG did (so a resumed rank repeats
+    the uninterrupted run's draws); another epoch, rank or seed gives another order."""
+    entries = _entries(positives=5, negatives=35)
+    sampler = ShardSampler(entries, "shuffle", seed=7, rank=0)
+    first = _order(sampler, 1)
+    torch.manual_seed(123)
+    assert _order(ShardSampler(entries, "shuffle", seed=7, rank=0), 1) == first
+    assert sorted(first) == list(range(len(entries)))  # a permutation: each entry once per epoch
+    assert _order(sampler, 2) != first
+    assert _order(ShardSampler(entries, "shuffle", seed=7, rank=1), 1) != first
+    assert _order(ShardSampler(entries, "shuffle", seed=8, rank=0), 1) != first
+
+
+@pytest.mark.parametrize("mode, expected", [("balanced", 0.5), ("sqrt", 5**0.5 / (5**0.5 + 95**0.5))])
+def test_shard_sampler_draws_classes_at_the_configured_rate(mode, expected):
+    entries = _entries(positives=5, negatives=95)
+    sampler = ShardSampler(entries, mode, seed=0, rank=1, num_samples=DRAWS)
+    drawn = _order(sampler, 3)
+    assert len(drawn) == len(sampler) == DRAWS
+    assert Counter(int(entries[i]["label"]) for i in drawn)[1] / DRAWS == pytest.approx(expected, abs=0.015)
+
+
+def test_shard_sampler_warns_when_its_shard_lacks_a_class(caplog):
+    population = _entries(positives=1, negatives=9)
+    with caplog.at_level(logging.WARNING):
+        ShardSampler(population[1:], "balanced", rank=1, population=population)
+    assert "rank 1's training shard has no entry of class [1]" in caplog.text
+    with pytest.raises(ValueError, match="empty"):
+        ShardSampler([], "shuffle")
+    with pytest.raises(ValueError, match="not one of"):
+        ShardSampler(population, "oversample")
+
+
+def test_monai_workflows_reshuffle_a_shard_sampler_every_epoch():
+    """MONAI's Workflow calls ``set_epoch`` on DistributedSampler instances at each epoch start; ShardSampler is one,
+    so a trainer sees a different order each epoch, and the order of epoch e is that of ``set_epoch(e)``."""
+    from monai.engines import SupervisedTrainer
+
+    entries = [{"image": torch.full((1, 2), float(i)), "label": torch.tensor(i % 2)} for i in range(12)]
+    sampler = ShardSampler(entries, "shuffle", seed=3, rank=0)
+    loader = DataLoader(Dataset(entries), batch_size=12, sampler=sampler)
+    seen: list[list[int]] = []
+    net = torch.nn.Linear(2, 2)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=3, train_data_loader=loader, network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.0), loss_function=torch.nn.CrossEntropyLoss(),
+        iteration_update=lambda engine, batch: seen.append(batch["image"][:, 0, 0].long().tolist()),
+    )  # fmt: skip
+    trainer.run()
+    reference = ShardSampler(entries, "shuffle", seed=3, rank=0)
+    assert seen == [_order(reference, e) for e in (1, 2, 3)]
+    assert len({tuple(s) for s in seen}) == 3

@@ -252,17 +252,44 @@ class SafePersistentDataset(PersistentDataset):
             tmp.unlink(missing_ok=True)
 
 
-def shard(data: Sequence[Any], rank: int, world_size: int, even_divisible: bool = True) -> list[Any]:
-    """The ``rank``-th of ``world_size`` contiguous blocks of ``data`` (sizes differ by at most one).
+def shard(
+    data: Sequence[Any], rank: int, world_size: int, even_divisible: bool = True, stratify: str | None = None
+) -> list[Any]:
+    """This rank's part of ``data``: contiguous blocks, one per class with ``stratify``, sizes within one of each other.
 
-    Contiguous blocks keep the candidates of one volume together, so each rank reads only its own volumes.
-    ``even_divisible`` pads the shorter blocks with their own first items so that every rank runs the same number
-    of steps (training); leave it ``False`` for evaluation, where duplicates would bias the metrics.
+    Contiguous blocks keep the candidates of one volume together, so each rank reads (and caches) mostly its own
+    volumes. With ``stratify`` (a key of the entries, e.g. ``"label"``) each class is split on its own and the
+    remainders are dealt round the ranks in turn, so every rank holds about ``1 / world_size`` of every class: a
+    rank's class-balanced sampler then draws what a global one would, even for a class of a handful of nodules.
+    The entries keep their order within the part. ``even_divisible`` pads the shorter parts with their own first
+    items so that every rank runs the same number of steps (training); leave it ``False`` for evaluation, where
+    duplicates would bias the metrics.
+
+    Raises:
+        ValueError: for a rank outside ``[0, world_size)`` or an entry without the ``stratify`` key.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    groups: dict[Any, list[int]] = {}
+    for i, entry in enumerate(data):
+        if stratify is None:
+            key = None
+        elif isinstance(entry, dict) and stratify in entry:
+            key = entry[stratify]
+        else:
+            raise ValueError(f"cannot stratify the shards by {stratify!r}: datalist entry {i} has no such key")
+        groups.setdefault(key, []).append(i)
+    mine: list[int] = []
+    offset = 0  # which rank takes the next left-over entry
+    for key in sorted(groups, key=repr):
+        members = groups[key]
+        base, extra = divmod(len(members), world_size)
+        sizes = [base + int((r - offset) % world_size < extra) for r in range(world_size)]
+        start = sum(sizes[:rank])
+        mine += members[start : start + sizes[rank]]
+        offset = (offset + extra) % world_size
+    part = [data[i] for i in sorted(mine)]
     n = len(data)
-    part = list(data[rank * n // world_size : (rank + 1) * n // world_size])
     if even_divisible and n:
         size = -(-n // world_size)
         part = part or [data[rank % n]]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from volcnn.engines.amp import AmpPolicy, resolve_amp
 from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_checkpoint
-from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank
+from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank, rank_seed, world_size
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
 from volcnn.engines.monitor import TrainingMonitor
 from volcnn.engines.options import as_bool
 from volcnn.engines.prepare import AugmentOnDevice, train_random_sources
 from volcnn.engines.progress import progress_bar
-from volcnn.engines.sampling import make_sampler
+from volcnn.engines.sampling import ShardSampler, make_sampler
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
 from volcnn.engines.workflow import quiet_non_rank0, run_training, seed_everything
 
@@ -34,7 +34,10 @@ __all__ = [
     "is_rank0",
     "load_checkpoint",
     "make_sampler",
+    "ShardSampler",
     "process_rank",
+    "rank_seed",
+    "world_size",
     "progress_bar",
     "quiet_non_rank0",
     "resolve_amp",

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from volcnn.engines.dist import is_rank0
+from volcnn.engines.dist import is_rank0, process_rank, world_size
 from volcnn.engines.prepare import train_random_sources
 from volcnn.engines.rng_state import capture_rng, restore_rng
 from volcnn.io.atomic import atomic_path, atomic_write_json
@@ -113,6 +114,7 @@ class TrainingCheckpointer:
         self.history: list[dict[str, Any]] = []
         self.trainer: Engine | None = None
         self._resumed = False
+        self._rank_rng: list[dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------- attaching
     def attach(self, engine: Engine) -> None:
@@ -206,6 +208,7 @@ class TrainingCheckpointer:
                 "early stopping at epoch %d: %s has not improved for %d epochs (best %.4f at epoch %d)",
                 epoch, self.key_metric, epoch - self.best_epoch, self.best_value or float("nan"), self.best_epoch,
             )  # fmt: skip
+        self._rank_rng = self._gather_rng(engine)  # a collective: every rank takes part
         if is_rank0():  # every rank tracks the best metric and early stopping; only rank 0 writes
             path = self.save(engine)
             logger.info("epoch %d checkpoint: %s", epoch, path)
@@ -238,10 +241,21 @@ class TrainingCheckpointer:
             },
             "state": {name: obj.state_dict() for name, obj in self.save_dict.items()},
             "rng": capture_rng(train_random_sources(engine), _loader_generators(loader)),
+            "rng_ranks": self._rank_rng if world_size() > 1 else None,
             "best": {"metric": self.key_metric, "value": self.best_value, "epoch": self.best_epoch},
             "early_stopping": {"patience": self.patience, "stopped": self.stopped_early},
             "history": list(self.history),
         }
+
+    def _gather_rng(self, engine: Engine) -> list[dict[str, Any]] | None:
+        """Under DDP, every rank's RNG snapshot (index = rank), so that a resumed rank continues its own
+        augmentation and shuffling streams rather than rank 0's; ``None`` in a single process."""
+        if world_size() < 2:
+            return None
+        mine = capture_rng(train_random_sources(engine), _loader_generators(getattr(engine, "data_loader", None)))
+        gathered: list[Any] = [None] * world_size()
+        dist.all_gather_object(gathered, mine)
+        return gathered
 
     def save(self, engine: Engine | None = None) -> Path:
         """Write ``checkpoint_epoch{N}.pt`` atomically, then drop all but the newest ``keep_last``."""
@@ -293,6 +307,13 @@ class TrainingCheckpointer:
 
     def _restore(self, engine: Engine, ckpt: dict[str, Any], path: Path) -> bool:
         saved = ckpt["trainer"]
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if len(ranks) != world_size():
+            raise CheckpointError(
+                f"{path}: written by a run of {len(ranks)} process(es), but this run has {world_size()}; each "
+                "process resumes its own random streams, so resume with the same number of processes, or start "
+                "a fresh run (resume false, or another output_dir)"
+            )
         loader = getattr(engine, "data_loader", None)
         epoch_length = engine.state.epoch_length or (len(loader) if loader is not None else None)
         if epoch_length is not None and saved["epoch_length"] != epoch_length:
@@ -305,7 +326,7 @@ class TrainingCheckpointer:
         if missing:
             raise CheckpointError(f"{path}: has no state for {missing}")
         try:  # before loading any state, so a refused checkpoint leaves the trainer untouched
-            restore_rng(ckpt["rng"], train_random_sources(engine), _loader_generators(loader))
+            restore_rng(ranks[process_rank()], train_random_sources(engine), _loader_generators(loader))
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         for name, obj in self.save_dict.items():

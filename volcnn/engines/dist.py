@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-__all__ = ["process_rank", "is_rank0", "BroadcastBuffers"]
+__all__ = ["process_rank", "world_size", "is_rank0", "rank_seed", "BroadcastBuffers"]
 
 
 def process_rank() -> int:
@@ -18,9 +18,25 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def world_size() -> int:
+    """How many processes train together: from torch.distributed when initialised, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
+
+
 def is_rank0() -> bool:
     """``True`` on the process that logs and writes files (rank 0, or the only process)."""
     return process_rank() == 0
+
+
+def rank_seed(seed: object) -> int | None:
+    """This process's seed: the run's ``seed`` plus the rank, so ranks draw different augmentations (rank 0 keeps
+    the single-process seed, and so its initial weights, which DDP copies to the others); ``None`` for an
+    unseeded run (``None``, ``"none"``)."""
+    if seed is None or str(seed).strip().lower() in ("none", "null", ""):
+        return None
+    return int(str(seed)) + process_rank()
 
 
 class BroadcastBuffers:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from volcnn import metrics as M
+from volcnn.engines.dist import is_rank0, world_size
 from volcnn.io.atomic import atomic_write_json
 from volcnn.report import plot_calibration, plot_confusion, plot_roc, write_predictions_csv, write_report_html
 
@@ -33,6 +35,10 @@ class PredictionCollector:
     ``(K,)`` or an index) and the batch entry (``case``, ``center``, the image file name). The datalist's
     ``patient`` field is never kept. Reset at every run.
 
+    Under DDP (``multi_gpu_evaluate.json``) each rank evaluates its contiguous block of the section; when the
+    evaluator completes, every rank's collection is gathered in rank order, so all ranks hold the whole section
+    in datalist order, as one process would.
+
     Attributes:
         probs: ``(N, K)`` float64 after a run.
         labels: ``(N,)`` int64.
@@ -47,6 +53,7 @@ class PredictionCollector:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.gather)
 
     def reset(self, engine: Engine | None = None) -> None:
         self._probs, self._labels, self.cases = [], [], []
@@ -63,6 +70,16 @@ class PredictionCollector:
             self._probs.append(pred.double())
             self._labels.append(int(label.argmax()) if label.numel() > 1 else int(label.item()))
             self.cases.append(_case_info(item))
+
+    def gather(self, engine: Engine | None = None) -> None:
+        """Replace this rank's collection by all ranks' in rank order (a collective; a no-op in one process)."""
+        if world_size() < 2:
+            return
+        parts: list[Any] = [None] * world_size()
+        dist.all_gather_object(parts, (self._probs, self._labels, self.cases))
+        self._probs = [p for probs, _, _ in parts for p in probs]
+        self._labels = [y for _, labels, _ in parts for y in labels]
+        self.cases = [c for _, _, cases in parts for c in cases]
 
     @property
     def probs(self) -> torch.Tensor:
@@ -94,6 +111,8 @@ def _case_info(item: dict[str, Any]) -> dict[str, Any]:
 
 class EvaluationReport:
     """Ignite handler writing the evaluation outputs when the evaluator completes.
+
+    Under DDP only rank 0 writes; the collectors have gathered every rank's cases by then.
 
     Args:
         output_dir: folder for ``metrics.json``, ``predictions.csv``, the PNGs and ``report.html``.
@@ -135,7 +154,8 @@ class EvaluationReport:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        self.write(engine_metrics=_finite(engine.state.metrics))
+        if is_rank0():
+            self.write(engine_metrics=_finite(engine.state.metrics))
 
     # ------------------------------------------------------------------ thresholds
     def _validation_thresholds(self) -> tuple[float | None, float | None, str]:
