@@ -266,10 +266,17 @@ def shard(
     duplicates would bias the metrics.
 
     Raises:
-        ValueError: for a rank outside ``[0, world_size)`` or an entry without the ``stratify`` key.
+        ValueError: for a rank outside ``[0, world_size)``, an entry without the ``stratify`` key, or (without
+            ``even_divisible``) fewer entries than ranks: a rank with nothing to evaluate would skip the evaluation
+            and leave the others waiting for it in the gather of the metrics.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if not even_divisible and 0 < len(data) < world_size:
+        raise ValueError(
+            f"{len(data)} datalist entries cannot be split over {world_size} processes without leaving one with "
+            "none (it would skip evaluation and the others would wait for it forever); run fewer processes"
+        )
     groups: dict[Any, list[int]] = {}
     for i, entry in enumerate(data):
         if stratify is None:
