@@ -43,8 +43,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def _torchrun(cohort: Path, out: Path, epochs: int, resume: bool = False) -> subprocess.CompletedProcess:
     configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
     args = _bundle_args(cohort, out, max_epochs=epochs, resume=resume)
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                 "monai.bundle", "run", "training", "--config_file", configs, *args])  # fmt: skip
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee=3",
+                 "-m", "monai.bundle", "run", "training", "--config_file", configs, *args])  # fmt: skip
 
 
 def _single_process_val_auc(cohort: Path, weights: Path) -> float:
@@ -66,6 +66,7 @@ def ddp_run(cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     done = _torchrun(cohort, out, epochs=2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out / "torchrun.log").write_text(done.stdout + done.stderr)
     return out
 
 
@@ -82,6 +83,20 @@ def test_rank0_writes_plain_state_dicts(ddp_run):
     assert state and not any(k.startswith("module.") for k in state)  # loadable without DDP
     assert sorted(p.name for p in (ddp_run / "models").glob("checkpoint_epoch*.pt")) == [
         "checkpoint_epoch0001.pt", "checkpoint_epoch0002.pt"]  # fmt: skip
+
+
+def test_only_rank0_logs_progress_and_metrics(ddp_run):
+    """``--tee 3`` prefixes each worker's lines with ``[default<rank>]``: after MONAI's own preamble (its input
+    summary, printed before the bundle's ``initialize``), rank 1 prints neither INFO records (epoch metrics,
+    checkpoints, class counts) nor cache-filling progress bars; rank 0 prints both."""
+    log = (ddp_run / "torchrun.log").read_text()
+    rank1 = [line for line in log.splitlines() if line.startswith("[default1]")]
+    preamble = ("Setting logging properties", "input summary", " - INFO - > ", " - INFO - ---")
+    chatter = [line for line in rank1 if (" - INFO - " in line and not any(p in line for p in preamble))
+               or "Loading dataset" in line]  # fmt: skip
+    assert not chatter, chatter[:20]
+    rank0 = "\n".join(line for line in log.splitlines() if line.startswith("[default0]"))
+    assert "Metrics -- val_auc" in rank0 and "Loading dataset" in rank0
 
 
 def test_resume_under_ddp_continues_from_the_last_checkpoint(cohort, ddp_run, tmp_path):

@@ -20,11 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def quiet_non_rank0() -> None:
-    """Log warnings and errors only on ranks other than 0, so a multi-process run prints one log."""
+    """Log warnings and errors only on ranks other than 0, so a multi-process run prints one log.
+
+    ``logging.disable``, not logger levels: MONAI's ``StatsHandler`` and ``get_logger`` create loggers later, at
+    INFO, with their own stdout handlers and no propagation, which no level set here would reach.
+    """
     if process_rank() != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-        for name in ("ignite", "monai", "volcnn"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.disable(logging.INFO)
 
 
 def seed_everything(seed: object = 0, deterministic: object = False) -> None:
