@@ -15,11 +15,16 @@ Sections (each measurement in its own process, medians of ``--repeats`` runs or 
    on the central slab of the ``full`` CT (``pipelines/bench_inference.py``);
 4. **compute**: forward+backward+step samples/s per network, precision and variant (eager, channels-last 3D,
    ``torch.compile``); on CUDA also the fraction of the bf16 FLOP ceiling and GPU utilisation
-   (``pipelines/bench_compute.py``).
+   (``pipelines/bench_compute.py``);
+5. **scaling**: training samples/s of the bundle under torchrun DDP with 1 process vs 2 (CPU, gloo: 1 process with
+   every core's thread vs 2 processes with half the threads each) or vs one process per GPU (CUDA, nccl), on the
+   section-2 cohort, runs alternating (``pipelines/bench_scaling.py``).
 
 The JSON's top-level numbers: ``preprocess_time_ratio_vs_sitk`` (ours / SimpleITK), ``epoch_speedup_vs_naive``
 (naive epoch time / ours), ``data_wait_fraction``, ``heatmap_speedup_vs_swi`` (SWI time / ours) and
-``heatmap_agreement_max_abs``; ``targets`` says which of the CPU targets hold; ``machine`` says where it ran.
+``heatmap_agreement_max_abs``, ``ddp_samples_per_s_1proc`` and ``ddp_samples_per_s_<P>proc`` (``P`` =
+``ddp_procs``), ``ddp_scaling_ratio`` (P-process / 1-process samples/s) and ``ddp_scaling_efficiency`` (ratio / P);
+``targets`` says which of the CPU targets hold; ``machine`` says where it ran.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_compute  # noqa: E402
 import bench_inference  # noqa: E402
 import bench_preprocess  # noqa: E402
+import bench_scaling  # noqa: E402
 import bench_train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results (written atomically)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--repeats", type=int, default=3, help="runs per timed comparison (median); at least 3")
-    p.add_argument("--sections", default="preprocess,train,inference,compute", help="comma list to run")
+    p.add_argument("--sections", default="preprocess,train,inference,compute,scaling", help="comma list to run")
     p.add_argument("--slab", type=int, default=40, help="central slices of the full CT for the inference section")
     p.add_argument("--epochs", type=int, default=4, help="training epochs per configuration (first not timed)")
     p.add_argument("--cases", type=int, default=8, help="synthetic patients of the training cohort")
     p.add_argument("--negatives", type=int, default=20, help="negative candidates per patient")
     p.add_argument("--compute-steps", type=int, default=8, help="timed steps per compute configuration")
+    p.add_argument("--scaling-epochs", type=int, default=3, help="epochs per scaling run (first not timed)")
     args = p.parse_args(argv)
     import torch
 
@@ -142,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
             report["preprocess_time_ratio_vs_sitk"] = pre["preprocess_time_ratio_vs_sitk"]
             tables.append(bench_preprocess.table(pre))
         weights = None
-        if "train" in sections:
+        cohort = work / "cohort"
+        if {"train", "scaling"} & set(sections):
             from volcnn.data import synthesize_cohort
 
             print(f"synthesising the training cohort ({args.cases} small cases) ...", flush=True)
-            cohort = work / "cohort"
             synthesize_cohort(cohort, cases=args.cases, seed=0, size="small", negatives=args.negatives)
+        if "train" in sections:
             configs = bench_train.CONFIGS + ((("bundle", "fp16"),) if device == "cuda" else ())
             train = bench_train.run(cohort, work / "train", device=device, epochs=args.epochs,
                                     naive_epochs=args.epochs, configs=configs)  # fmt: skip
@@ -174,12 +182,21 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(text):
                 bench_compute.print_table(comp)
             tables.append("compute:" + text.getvalue().rstrip())
+        if "scaling" in sections:
+            print("scaling: DDP training, 1 process vs several ...", flush=True)
+            scaling = bench_scaling.run(cohort, work / "scaling", device=device, epochs=args.scaling_epochs,
+                                        repeats=args.repeats)  # fmt: skip
+            report["scaling"] = scaling
+            for key, value in scaling.items():
+                if key.startswith("ddp_"):
+                    report[key] = value
+            tables.append(bench_scaling.table(scaling))
     report["targets"] = check_targets(report)
     report["seconds"] = time.perf_counter() - start
     print("\n" + "\n\n".join(tables))
     print("\nheadline numbers (" + device + "):")
     for key in ("preprocess_time_ratio_vs_sitk", "epoch_speedup_vs_naive", "data_wait_fraction",
-                "heatmap_speedup_vs_swi", "heatmap_agreement_max_abs"):  # fmt: skip
+                "heatmap_speedup_vs_swi", "heatmap_agreement_max_abs", "ddp_scaling_ratio"):  # fmt: skip
         value = report.get(key)
         target = report["targets"].get(key)
         verdict = (
