@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check -q volcnn tests tools pipelines
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# the performance benchmark (pipelines/benchmark.py): table on stdout, JSON in $(BENCH_OUT); ~20 min on 2 CPU cores
+# the performance benchmark (pipelines/benchmark.py): table on stdout, JSON in $(BENCH_OUT); about 11 min on 2 CPU cores
 bench: $(STAMP)
 	$(PY) pipelines/benchmark.py --out $(BENCH_OUT)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The performance benchmark: every comparison side by side in one run, a table, and JSON (``--out``).
 
-    python pipelines/benchmark.py --out results.json          # CPU: about 15 minutes on 2 cores
+    python pipelines/benchmark.py --out results.json          # CPU: about 11 minutes on 2 cores
     python pipelines/benchmark.py --device cuda --out gpu.json
 
 Sections (each measurement in its own process, medians of ``--repeats`` runs or of the epochs after the first):
