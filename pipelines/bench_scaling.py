@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from bench_train import EpochClock  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "lung_nodule_ct_classification" / "configs"
 TRAIN = CONFIGS / "train.json"
@@ -79,29 +82,13 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
 
-    clock: dict[str, float] = {}
+    clock = EpochClock(sync)
     epochs: list[dict[str, float]] = []
 
-    def started(engine) -> None:
-        sync()
-        clock.update(t0=time.perf_counter(), t1=time.perf_counter(), n=0, steps=0, wait=0.0)
-
-    def get_started(engine) -> None:
-        clock["g"] = time.perf_counter()
-
-    def get_completed(engine) -> None:
-        clock["wait"] += time.perf_counter() - clock["g"]
-
-    def iteration(engine) -> None:
-        sync()
-        clock["t1"] = time.perf_counter()
-        clock["n"] += len(engine.state.output)
-        clock["steps"] += 1
-
     def completed(engine) -> None:  # every rank calls the same collectives here, in the same order
-        seconds = clock["t1"] - clock["t0"]
-        total = torch.tensor([clock["n"], clock["steps"]], dtype=torch.float64, device=reduce_on)
-        slowest = torch.tensor([seconds, clock["wait"] / seconds if seconds else 0.0], dtype=torch.float64,
+        seconds = clock.seconds
+        total = torch.tensor([clock.samples, clock.steps], dtype=torch.float64, device=reduce_on)
+        slowest = torch.tensor([seconds, clock.wait / seconds if seconds else 0.0], dtype=torch.float64,
                                device=reduce_on)  # fmt: skip
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -117,10 +104,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
 
-    trainer.add_event_handler(Events.EPOCH_STARTED, started)
-    trainer.add_event_handler(Events.GET_BATCH_STARTED, get_started)
-    trainer.add_event_handler(Events.GET_BATCH_COMPLETED, get_completed)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, iteration)
+    clock.attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, completed)
     wf.run()
     timed = [e for e in epochs if e["epoch"] > 1]

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,50 @@ def _naive_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"train#dataset": dataset, "train#dataloader": loader, "train#prepare_batch": PrepareBatchDefault()}
 
 
+class EpochClock:
+    """Times each epoch of an Ignite trainer from ``EPOCH_STARTED`` to its last ``ITERATION_COMPLETED``.
+
+    Read it in an ``EPOCH_COMPLETED`` handler attached after it: ``seconds``, ``samples`` (sum of the outputs'
+    lengths), ``steps``, ``wait`` (time in ``GET_BATCH``, i.e. waiting for the loader) and ``prepare`` (whatever the
+    caller adds, e.g. ``prepare_batch`` time). ``sync`` is called before each clock reading (CUDA synchronise).
+    """
+
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self.sync = sync
+        self.t0 = self.t1 = self.wait = self.prepare = self._get = 0.0
+        self.samples = self.steps = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.t1 - self.t0
+
+    def attach(self, trainer: Any) -> None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
+        trainer.add_event_handler(Events.GET_BATCH_STARTED, self._get_started)
+        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self._get_completed)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+
+    def _started(self, engine: Any) -> None:
+        self.sync()
+        self.t0 = self.t1 = time.perf_counter()
+        self.wait = self.prepare = 0.0
+        self.samples = self.steps = 0
+
+    def _get_started(self, engine: Any) -> None:
+        self._get = time.perf_counter()
+
+    def _get_completed(self, engine: Any) -> None:
+        self.wait += time.perf_counter() - self._get
+
+    def _iteration(self, engine: Any) -> None:
+        self.sync()
+        self.t1 = time.perf_counter()
+        self.samples += len(engine.state.output)
+        self.steps += 1
+
+
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     """One training run in this process: per-epoch throughput, data wait and device-side preparation time."""
     import torch
@@ -116,7 +161,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    clock: dict[str, float] = {}
+    clock = EpochClock(sync)
     epochs: list[dict[str, float]] = []
     prepare = trainer.prepare_batch
 
@@ -124,42 +169,25 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         out = prepare(*a, **kw)
         sync()
-        clock["prepare"] += time.perf_counter() - t
+        clock.prepare += time.perf_counter() - t
         return out
 
     trainer.prepare_batch = timed_prepare
 
-    def started(engine) -> None:
-        clock.update(t0=time.perf_counter(), n=0, wait=0.0, prepare=0.0)
-
-    def get_started(engine) -> None:
-        clock["g"] = time.perf_counter()
-
-    def get_completed(engine) -> None:
-        clock["wait"] += time.perf_counter() - clock["g"]
-
-    def iteration(engine) -> None:
-        sync()
-        clock["t1"] = time.perf_counter()
-        clock["n"] += len(engine.state.output)
-
     def completed(engine) -> None:
-        seconds = clock["t1"] - clock["t0"]
+        seconds = clock.seconds
         epochs.append(
             {
                 "epoch": engine.state.epoch,
                 "seconds": seconds,
-                "samples": clock["n"],
-                "samples_per_s": clock["n"] / seconds,
-                "data_wait_fraction": clock["wait"] / seconds,
-                "prepare_fraction": clock["prepare"] / seconds,
+                "samples": clock.samples,
+                "samples_per_s": clock.samples / seconds,
+                "data_wait_fraction": clock.wait / seconds,
+                "prepare_fraction": clock.prepare / seconds,
             }
         )
 
-    trainer.add_event_handler(Events.EPOCH_STARTED, started)
-    trainer.add_event_handler(Events.GET_BATCH_STARTED, get_started)
-    trainer.add_event_handler(Events.GET_BATCH_COMPLETED, get_completed)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, iteration)
+    clock.attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, completed)
     util = None
     if cuda:
