@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(volume, repeats=args.repeats)
     print(table(result))
     if args.out is not None:
-        from volcnn.io.atomic import atomic_write_json
+        from volcnn.core.atomic import atomic_write_json
 
         atomic_write_json(args.out, result)
         print(f"results: {args.out}")

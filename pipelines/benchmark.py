@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:32} {value if value is None else f'{value:.4g}'}{verdict}")
     print(f"total {report['seconds']:.0f} s")
     if args.out:
-        from volcnn.io.atomic import atomic_write_json
+        from volcnn.core.atomic import atomic_write_json
 
         atomic_write_json(args.out, report)
         print(f"results: {args.out}")

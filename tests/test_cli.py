@@ -43,10 +43,10 @@ def test_infer_with_missing_bundle_exits_2(tmp_path):
 
 
 def test_infer_options_reach_the_runner(tmp_path, monkeypatch):
-    import volcnn.inference
+    import volcnn.commands.infer
 
     seen: dict = {}
-    monkeypatch.setattr(volcnn.inference, "infer_main", lambda *a, **kw: seen.update(kw) or 0)
+    monkeypatch.setattr(volcnn.commands.infer, "infer", lambda *a, **kw: seen.update(kw) or 0)
     argv = ["infer", "--bundle", "b", "--out", "o", "--heatmap-method", "window", "--stride-mm", "6", "x.nii.gz"]
     assert main(argv) == 0
     assert seen["heatmap_method"] == "window" and seen["stride_mm"] == 6.0

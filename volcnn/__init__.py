@@ -1,9 +1,11 @@
 """volcnn: a MONAI pipeline for 3D CT classification.
 
-Importing the package has no side effects; subpackages follow the stages of the pipeline:
-``io`` (reading and writing volumes, datalists), ``transforms``, ``networks``, ``engines``,
-``inference``, ``data`` (synthetic cohort) and ``bundle`` (packaging and offline checks). They are loaded on
-first attribute access, so a bundle config needs only ``"$import volcnn"`` to use ``volcnn.io.load_datalist``.
+Importing the package has no side effects. Its subpackages follow the stages of the pipeline (see
+``docs/ARCHITECTURE.md``): ``core`` (errors, options, hashing, atomic writes, geometry), ``io`` (reading and
+writing volumes, datalists), ``transforms``, ``networks``, ``models`` (weights, bundles, exported files), ``data``
+(synthetic cohort, caching, loading), ``explain``, ``inference``, ``evaluation``, ``engines`` (training), ``bundle``
+(packaging and offline checks) and ``commands`` (the ``volcnn`` command). Each is loaded on first attribute access,
+so a bundle config needs only ``"$import volcnn"`` to use ``volcnn.io.load_datalist`` or ``volcnn.explain``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,30 @@ import importlib
 from types import ModuleType
 
 __version__ = "0.2.0"
-__all__ = ["__version__", "bundle", "data", "engines", "inference", "io", "metrics", "networks", "report", "transforms"]
 
-_SUBPACKAGES = {"bundle", "data", "engines", "inference", "io", "metrics", "networks", "report", "transforms"}
+#: the subpackages, lowest layer first
+SUBPACKAGES = (
+    "core",
+    "io",
+    "networks",
+    "transforms",
+    "models",
+    "data",
+    "evaluation",
+    "explain",
+    "inference",
+    "engines",
+    "bundle",
+    "commands",
+)
+__all__ = ["SUBPACKAGES", "__version__", *SUBPACKAGES]
 
 
 def __getattr__(name: str) -> ModuleType:
-    if name in _SUBPACKAGES:
+    if name in SUBPACKAGES:
         return importlib.import_module(f"volcnn.{name}")
     raise AttributeError(f"module 'volcnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -16,7 +16,7 @@ from torch import nn
 from volcnn.bundle import export as export_mod
 from volcnn.bundle.export import EXPORT_FORMATS, ONNX_OPSET, export_bundle
 from volcnn.bundle.package import configure_bundle, install_model
-from volcnn.inference.exported import load_exported
+from volcnn.models import load_exported
 from volcnn.networks import create_network
 
 REPO = Path(__file__).resolve().parents[2]

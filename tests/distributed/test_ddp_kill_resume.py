@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from volcnn.data import synthesize_cohort
-from volcnn.engines import load_checkpoint
+from volcnn.engines import load_training_checkpoint
 
 pytestmark = [
     pytest.mark.dist,
@@ -65,7 +65,7 @@ def _checkpoints(models: Path) -> set[str]:
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(out / "models" / f"checkpoint_epoch{EPOCHS:04d}.pt")["state"]["model"]
+    return load_training_checkpoint(out / "models" / f"checkpoint_epoch{EPOCHS:04d}.pt")["state"]["model"]
 
 
 def _epoch_seconds(out: Path) -> float:

@@ -20,11 +20,11 @@ from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, RandFlipd
 
+import volcnn.core.atomic as atomic_mod
 import volcnn.engines.checkpoint as ckpt_mod
-import volcnn.io.atomic as atomic_mod
 from volcnn.engines import rng_state
 from volcnn.engines.amp import AmpPolicy
-from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_checkpoint
+from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_training_checkpoint
 from volcnn.engines.trainer import SchedulerStepper, VolcnnTrainer
 
 N = 8
@@ -187,7 +187,7 @@ def test_checkpoint_content_loads_weights_only(tmp_path):
         assert ckpt["best"] == {"metric": None, "value": None, "epoch": epoch}
         assert ckpt["early_stopping"] == {"patience": 0, "stopped": False}
         assert ckpt["history"] == [{"epoch": e} for e in range(1, epoch + 1)]
-        assert load_checkpoint(tmp_path / _ckpt_name(epoch))["trainer"]["epoch"] == epoch
+        assert load_training_checkpoint(tmp_path / _ckpt_name(epoch))["trainer"]["epoch"] == epoch
     # without a validator every epoch is the best: model.pt holds the last weights
     assert _equal(torch.load(tmp_path / "model.pt", weights_only=True), run.weights[3])
 
@@ -195,9 +195,9 @@ def test_checkpoint_content_loads_weights_only(tmp_path):
 def test_load_checkpoint_refuses_foreign_files(tmp_path):
     torch.save({"model": _net().state_dict()}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a volcnn training checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+        load_training_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="cannot be loaded"):
-        load_checkpoint(tmp_path / "missing.pt")
+        load_training_checkpoint(tmp_path / "missing.pt")
 
 
 # ---------------------------------------------------------------- best model and early stopping
@@ -212,7 +212,7 @@ def test_best_model_follows_the_key_metric(tmp_path, mode, values):
     assert not _equal(best, run.weights[3])
     info = json.loads((tmp_path / "best.json").read_text())
     assert info == {"epoch": 2, "metric": KEY, "value": values[1], "file": "model.pt"}
-    last = load_checkpoint(tmp_path / _ckpt_name(3))
+    last = load_training_checkpoint(tmp_path / _ckpt_name(3))
     assert last["best"] == {"metric": KEY, "value": values[1], "epoch": 2}
     assert last["history"] == [{"epoch": e, KEY: v} for e, v in enumerate(values, start=1)]
 
@@ -245,9 +245,9 @@ def test_early_stopping_ends_the_run_and_is_remembered(tmp_path, patience, value
     assert run.trainer.state.epoch == stop_epoch
     assert run.ckpt.stopped_early
     assert _names(tmp_path) == [_ckpt_name(stop_epoch - 1), _ckpt_name(stop_epoch)]
-    last = load_checkpoint(tmp_path / _ckpt_name(stop_epoch))
+    last = load_training_checkpoint(tmp_path / _ckpt_name(stop_epoch))
     assert last["early_stopping"] == {"patience": patience, "stopped": True}
-    assert not load_checkpoint(tmp_path / _ckpt_name(stop_epoch - 1))["early_stopping"]["stopped"]
+    assert not load_training_checkpoint(tmp_path / _ckpt_name(stop_epoch - 1))["early_stopping"]["stopped"]
     assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 2
     # a resumed run knows it is finished, although max_epochs was not reached
     again = _setup(tmp_path, max_epochs=5, values=values, early_stop_patience=patience)
@@ -288,7 +288,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     assert len(temps) == 1 and temps[0].parent == tmp_path
     assert _names(tmp_path) == [_ckpt_name(1)]
     assert not (tmp_path / _ckpt_name(2)).exists()
-    assert _equal(load_checkpoint(tmp_path / _ckpt_name(1))["state"]["model"], run.weights[1])
+    assert _equal(load_training_checkpoint(tmp_path / _ckpt_name(1))["state"]["model"], run.weights[1])
     assert not list(tmp_path.glob(".*")), "the failed write left its temporary file"
 
     # a SIGKILL instead of an exception would leave the temp file: the next run's STARTED removes it
@@ -365,7 +365,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     assert again.scheduler.last_epoch == 1
     again.trainer.run()  # epoch 2 is redone and its checkpoint rewritten
     assert again.trainer.state.epoch == 2
-    assert load_checkpoint(tmp_path / _ckpt_name(2))["trainer"]["epoch"] == 2
+    assert load_training_checkpoint(tmp_path / _ckpt_name(2))["trainer"]["epoch"] == 2
 
 
 def test_all_checkpoints_corrupt_raises_naming_them(tmp_path):
@@ -440,14 +440,14 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path):
     run.trainer.run()
     run.trainer.scaler.update(new_scale=1234.0)
     run.ckpt.save(run.trainer)
-    assert load_checkpoint(tmp_path / _ckpt_name(1))["state"]["scaler"]["scale"] == 1234.0
+    assert load_training_checkpoint(tmp_path / _ckpt_name(1))["state"]["scaler"]["scale"] == 1234.0
     again = _setup(tmp_path, max_epochs=2, fp16_scaler=True)
     assert again.trainer.scaler.get_scale() == 65536.0
     assert again.ckpt.resume() is False
     assert again.trainer.scaler.get_scale() == 1234.0
     again.trainer.run()
     assert again.trainer.scaler.get_scale() == 1234.0  # the same scaler object carried on training
-    assert load_checkpoint(tmp_path / _ckpt_name(2))["state"]["scaler"]["scale"] == 1234.0
+    assert load_training_checkpoint(tmp_path / _ckpt_name(2))["state"]["scaler"]["scale"] == 1234.0
 
 
 def _flips(dataset: Dataset, count: int = 24) -> list[bool]:
@@ -562,7 +562,7 @@ def test_fresh_run_moves_an_earlier_runs_files_aside(tmp_path):
     (archive,) = tmp_path.glob("previous-*")
     assert sorted(p.name for p in archive.glob("checkpoint_epoch*.pt")) == before
     for path in archive.glob("checkpoint_epoch*.pt"):
-        load_checkpoint(path)
+        load_training_checkpoint(path)
 
 
 def test_resume_with_a_different_number_of_processes_is_refused(tmp_path):
@@ -571,7 +571,7 @@ def test_resume_with_a_different_number_of_processes_is_refused(tmp_path):
     run = _setup(tmp_path, max_epochs=1)
     run.trainer.run()
     path = tmp_path / _ckpt_name(1)
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_checkpoint(path)
     ckpt["rng_ranks"] = [ckpt["rng"], ckpt["rng"]]  # as rank 0 of a two-process run writes it
     torch.save(ckpt, path)
     again = _setup(tmp_path, max_epochs=2, init_seed=1)

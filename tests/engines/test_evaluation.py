@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from volcnn.engines import EvaluationReport, PredictionCollector
-from volcnn.metrics import youden_threshold
+from volcnn.evaluation import youden_threshold
 
 
 def _fill(collector: PredictionCollector, probs: torch.Tensor, labels: torch.Tensor, batch_size: int = 4) -> None:

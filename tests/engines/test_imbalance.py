@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from volcnn.engines import as_bool, class_weights
+from volcnn.core import as_bool
+from volcnn.engines import class_weights
 
 
 def test_balanced_weights_equalise_class_contributions():

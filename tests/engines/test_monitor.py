@@ -19,7 +19,7 @@ import volcnn.engines.progress as progress_mod
 from volcnn.engines.dist import is_rank0
 from volcnn.engines.monitor import TrainingMonitor, loss_from_output
 from volcnn.engines.progress import progress_bar
-from volcnn.report.patches import patch_view
+from volcnn.evaluation.patches import patch_view
 
 LR = 0.1
 BATCH = 4

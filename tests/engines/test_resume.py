@@ -20,7 +20,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from volcnn.data import synthesize_cohort
-from volcnn.engines import load_checkpoint
+from volcnn.engines import load_training_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "bundles" / "lung_nodule_ct_classification" / "configs" / "train.json"
@@ -52,7 +52,7 @@ def _workflow(cohort: Path, out: Path, **extra) -> ConfigWorkflow:
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
     path = out / "models" / f"checkpoint_epoch{EPOCHS:04d}.pt"
-    return load_checkpoint(path)["state"]["model"]
+    return load_training_checkpoint(path)["state"]["model"]
 
 
 def _assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

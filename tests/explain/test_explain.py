@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from tests.conftest import make_affine
+from volcnn.core.geometry import translate
 from volcnn.explain import (
     EXPLAIN_METHODS,
     Explainer,
@@ -28,7 +29,6 @@ from volcnn.inference import iter_window_batches
 from volcnn.io import load_volume, write_nifti
 from volcnn.networks import create_network
 from volcnn.transforms import WorldPatchCrop, voxel_to_world
-from volcnn.transforms.geometry import translate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: the evidence: a bright Gaussian blob, deliberately off every voxel grid
@@ -78,8 +78,8 @@ def gaussian_blob_scan(shape, affine, center=BLOB_RAS, sigma_mm=3.0, background=
 
 
 def _preprocessed(shape, affine) -> MetaTensor:
-    from volcnn.explain import preprocess_volume
     from volcnn.io import Volume
+    from volcnn.transforms import preprocess_volume
 
     vol = Volume(gaussian_blob_scan(shape, affine).astype(np.float32), affine, "synthetic", "nifti")
     return preprocess_volume(vol, PIXDIM, SETTINGS["hu_window"])

@@ -20,8 +20,8 @@ from volcnn.inference import (
     plan_dense,
     split_classifier,
 )
-from volcnn.inference import dense as dense_mod
-from volcnn.inference.dense import _Block, _extract, _run_blocks
+from volcnn.inference import tiling as tiling_mod
+from volcnn.inference.tiling import Block, extract_tile, run_blocks
 from volcnn.networks import create_network
 
 
@@ -154,7 +154,7 @@ def _context_reference(split, vol, centres, patch, context, cells):
     out = []
     for c in centres:
         start = [int(c[a]) - patch[a] // 2 - context for a in range(3)]
-        tile = _extract(vol, start, [start[a] + patch[a] + 2 * context for a in range(3)])
+        tile = extract_tile(vol, start, [start[a] + patch[a] + 2 * context for a in range(3)])
         with torch.no_grad():
             features = split.trunk(tile)[:, :, context // s[0] :, context // s[1] :, context // s[2] :]
             logits = split.head(features, cells, (1, 1, 1), (1, 1, 1))
@@ -261,8 +261,8 @@ def test_mask_limits_the_points_and_the_trunk_to_its_bounding_box(monkeypatch):
     mask = torch.zeros(40, 30, 20, dtype=torch.bool)
     mask[20:31, 5:9, 8:12] = True
     seen = []
-    forward = dense_mod._forward_tile
-    monkeypatch.setattr(dense_mod, "_forward_tile", lambda *a: seen.append(a[2].shape) or forward(*a))
+    forward = tiling_mod.forward_tile
+    monkeypatch.setattr(tiling_mod, "forward_tile", lambda *a: seen.append(a[2].shape) or forward(*a))
     heat, _ = dense_heatmap(vol, net, patch, stride_vox=2, mask=mask)
     full, _ = dense_heatmap(vol, net, patch, stride_vox=2)
     inside = np.zeros(heat.shape, dtype=bool)
@@ -281,7 +281,7 @@ def test_out_of_memory_splits_the_tile_then_falls_back_to_cpu(monkeypatch, caplo
     net, patch = tiny_strided_net(), (10, 10, 10)
     vol = _smooth_volume((30, 24, 20))
     expected, _ = dense_heatmap(vol, net, patch, stride_vox=2)
-    forward = dense_mod._forward_tile
+    forward = tiling_mod.forward_tile
     sizes = []
 
     def limited(trunk, head, tile, plan):
@@ -290,7 +290,7 @@ def test_out_of_memory_splits_the_tile_then_falls_back_to_cpu(monkeypatch, caplo
             raise torch.OutOfMemoryError("simulated")
         return forward(trunk, head, tile, plan)
 
-    monkeypatch.setattr(dense_mod, "_forward_tile", limited)
+    monkeypatch.setattr(tiling_mod, "forward_tile", limited)
     caplog.set_level(logging.WARNING)
     heat, _ = dense_heatmap(vol, net, patch, stride_vox=2)
     np.testing.assert_allclose(heat, expected, atol=1e-6)
@@ -312,8 +312,8 @@ def test_run_blocks_fallback_order_and_cpu_failure():
         return np.zeros(1)
 
     covered = []
-    last = _run_blocks(
-        [_Block((0, 0, 0), (4, 1, 1))],
+    last = run_blocks(
+        [Block((0, 0, 0), (4, 1, 1))],
         evaluate,
         torch.device("cuda"),
         lambda b, r: covered.extend(range(b.lo[0], b.hi[0])),
@@ -327,7 +327,7 @@ def test_run_blocks_fallback_order_and_cpu_failure():
         raise torch.OutOfMemoryError("simulated")
 
     with pytest.raises(torch.OutOfMemoryError):
-        _run_blocks([_Block((0, 0, 0), (1, 1, 1))], no_memory, torch.device("cpu"), lambda b, r: None, lambda b: 1)
+        run_blocks([Block((0, 0, 0), (1, 1, 1))], no_memory, torch.device("cpu"), lambda b, r: None, lambda b: 1)
 
 
 def test_network_mode_is_restored_and_no_gradients():

@@ -16,11 +16,10 @@ from volcnn.inference import (
     dense_heatmap,
     find_peaks,
     heatmap_grid,
-    resample_to_grid,
     stride_from_mm,
     volume_score,
 )
-from volcnn.transforms import volume_transforms, voxel_to_world
+from volcnn.transforms import resample_to_grid, volume_transforms, voxel_to_world
 
 
 def _heatmap(method, volume, patch, net_kind="centre", **kwargs):
@@ -160,7 +159,7 @@ def test_resample_reproduces_a_world_linear_ramp(name):
     # the output grid must lie inside the heat grid for the ramp to continue (no clamping)
     inside = np.linalg.solve(heat_aff, np.c_[_world_grid(out_shape, out_aff).reshape(-1, 3), np.ones(19 * 23 * 17)].T)
     assert inside[:3].min() > 0 and inside[:3].max() < 20
-    out = resample_to_grid(heat, heat_aff, out_shape, out_aff, chunk_voxels=1000)  # several chunks of slices
+    out = resample_to_grid(heat, heat_aff, out_shape, out_aff, slab_voxels=1000)  # several slabs
     assert out.shape == out_shape and out.dtype == np.float32
     np.testing.assert_allclose(out, _ramp(_world_grid(out_shape, out_aff)), atol=2e-5)
 

@@ -18,8 +18,11 @@ import torch
 from tests.conftest import make_affine
 from tests.inference import GEOMETRIES, NODULE_RAS, BlobNet, nodule_scan
 from tests.inference.dense_nets import DenseBlobNet, padding_sensitive_net
-from volcnn.inference import InferenceRunner, case_name, infer_main, load_bundle_runner
+from volcnn.commands.infer import infer
+from volcnn.core.errors import VolcnnError
+from volcnn.inference import InferenceRunner, load_bundle_runner
 from volcnn.io import write_nifti
+from volcnn.io.sources import case_name
 from volcnn.networks import create_network
 from volcnn.transforms import voxel_to_world
 
@@ -28,6 +31,15 @@ BUNDLE = REPO / "bundles" / "lung_nodule_ct_classification"
 #: 1.5 x stride (4 mm) + 1 voxel (2 mm) at the settings used here
 TOL_MM = 6.0
 PATCH = (12, 12, 12)
+
+
+def infer_main(*args, **kwargs) -> int:
+    """``volcnn infer``'s body with its errors mapped to exit codes and logged, as ``volcnn.cli.main`` does."""
+    try:
+        return infer(*args, **kwargs)
+    except VolcnnError as e:
+        logging.getLogger("volcnn").error("%s", e)
+        return e.exit_code
 
 
 def _sha256(path: Path) -> str:
@@ -73,7 +85,7 @@ def batch(request, tmp_path_factory):
         model_info={"name": "blob", "version": "0", "sha256": "abc"},
         progress=False,
     )
-    assert runner._split is None if method == "window" else runner._split is not None
+    assert runner.heatmap.split is None if method == "window" else runner.heatmap.split is not None
     out = root / "out"
     result = runner.run([str(inputs[k]) for k in order] + [str(clash)], out)
     return {"inputs": inputs, "out": out, "result": result, "method": method}
@@ -195,14 +207,14 @@ def test_auto_falls_back_to_windows_when_the_dense_map_disagrees(tmp_path, caplo
 
 def test_method_choice(caplog):
     caplog.set_level(logging.INFO)
-    assert _runner(BlobNet(PATCH))._split is None
+    assert _runner(BlobNet(PATCH)).heatmap.split is None
     assert "window by window" in caplog.text and "BlobNet cannot be evaluated densely" in caplog.text
     with pytest.raises(ValueError, match="method 'dense'"):
         _runner(BlobNet(PATCH), method="dense")
     with pytest.raises(ValueError, match="unknown heat-map method"):
         _runner(BlobNet(PATCH), method="fast")
-    assert _runner(DenseBlobNet(PATCH), method="window")._split is None
-    assert _runner(DenseBlobNet(PATCH))._split is not None
+    assert _runner(DenseBlobNet(PATCH), method="window").heatmap.split is None
+    assert _runner(DenseBlobNet(PATCH)).heatmap.split is not None
 
 
 def test_done_cases_are_skipped_only_when_input_model_and_settings_match(tmp_path, caplog):
@@ -321,7 +333,7 @@ def test_monai_bundle_run_over_the_datalist_test_section(bundle, tmp_path):
 def test_metaimage_case_name_and_hash_cover_the_data_file(tmp_path):
     import SimpleITK as sitk
 
-    from volcnn.inference.runner import case_name, input_sha256
+    from volcnn.io.input_hash import input_sha256
 
     img = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16))
     sitk.WriteImage(img, str(tmp_path / "1.3.6.1.4.mhd"))

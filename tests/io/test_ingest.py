@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_affine
+from volcnn.core.atomic import atomic_path
 from volcnn.data import synthesize_cohort
 from volcnn.io import ingest as ingest_mod
 from volcnn.io import load_volume
-from volcnn.io.atomic import atomic_path
-from volcnn.io.ingest import IngestError, ingest, is_dicom_file
+from volcnn.io.ingest import IngestError, ingest
+from volcnn.io.sources import has_dicom_preamble
 
 FIELDS = {
     "output",
@@ -78,12 +79,12 @@ def _by_source(manifest: list[dict], suffix: str) -> dict:
 
 def test_is_dicom_file_uses_the_magic(cohort, tmp_path):
     first = sorted((cohort / "dicom" / "case_000").iterdir())[0]
-    assert is_dicom_file(first)
+    assert has_dicom_preamble(first)
     renamed = tmp_path / "noext"
     shutil.copy(first, renamed)
-    assert is_dicom_file(renamed)
+    assert has_dicom_preamble(renamed)
     (tmp_path / "fake.dcm").write_bytes(b"\0" * 128 + b"DICX" + b"\0" * 100)
-    assert not is_dicom_file(tmp_path / "fake.dcm")
+    assert not has_dicom_preamble(tmp_path / "fake.dcm")
 
 
 def test_mixed_folder(mixed, tmp_path):
@@ -181,8 +182,6 @@ def test_all_good_exit_zero_and_single_file_source(cohort, tmp_path):
 
 
 def test_folder_with_two_series_gives_two_outputs(cohort, tmp_path):
-    if ingest_mod.discover_series is None:
-        pytest.skip("volcnn.io.dicom not available: a DICOM folder is one unit")
     both = tmp_path / "src" / "scan"
     shutil.copytree(cohort / "dicom" / "case_000", both)
     for f in sorted((cohort / "dicom" / "case_001").iterdir()):
@@ -266,18 +265,6 @@ def test_unreadable_manifest_is_refused(tmp_path):
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(IngestError, match="manifest"):
         ingest([tmp_path], out)
-
-
-def test_without_the_series_reader_a_dicom_folder_is_one_unit(mixed, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest_mod, "discover_series", None)
-    monkeypatch.setattr(ingest_mod, "load_dicom_files", None)
-    result = ingest([mixed], tmp_path / "out")
-    dicom = _by_source(result.converted, "dicom/case_000")
-    assert dicom["dtype"] == "int16" and len(dicom["series_uid_hash"]) == 12
-    assert any(f["source"].endswith("case_001_gap") for f in result.failures)
-    np.testing.assert_array_equal(
-        load_volume(tmp_path / "out" / dicom["output"]).array, load_volume(mixed / "dicom" / "case_000").array
-    )
 
 
 def test_metaimage_source_hash_covers_the_data_file(tmp_path):

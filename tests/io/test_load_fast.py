@@ -17,10 +17,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import volcnn.io.volume as volume_mod
+import volcnn.io.checks as checks_mod
+import volcnn.io.layout as layout_mod
+import volcnn.io.nifti as nifti_mod
 from tests.conftest import make_affine
 from volcnn.io import LoadVolumed, VolcnnReader, Volume, VolumeError, load_volume
-from volcnn.io.volume import xyz_float32
+from volcnn.io.layout import xyz_float32
 
 AFFINE = make_affine((0.7, 0.8, 1.25), (-1, 1, 1), origin=(10.0, -20.0, 30.0))
 
@@ -30,13 +32,13 @@ def block_sizes(request, monkeypatch):
     """The reader as configured, and with tiny blocks, tiles, gzip pieces and check chunks (every boundary
     crossed), three copy threads, and ``.nii.gz`` always inflated by zlib rather than SimpleITK."""
     if request.param == "small":
-        monkeypatch.setattr(volume_mod, "BLOCK_SLICES", 3)
-        monkeypatch.setattr(volume_mod, "TILE_BYTES", 64)
-        monkeypatch.setattr(volume_mod, "GZIP_READ_BYTES", 97)
-        monkeypatch.setattr(volume_mod, "GZIP_MAX_OUT_BYTES", 101)
-        monkeypatch.setattr(volume_mod, "CHECK_CHUNK_BYTES", 16)
-        monkeypatch.setattr(volume_mod, "COPY_THREADS", 3)
-        monkeypatch.setattr(volume_mod, "SITK_GZIP", False)
+        monkeypatch.setattr(nifti_mod, "BLOCK_SLICES", 3)
+        monkeypatch.setattr(layout_mod, "TILE_BYTES", 64)
+        monkeypatch.setattr(nifti_mod, "GZIP_READ_BYTES", 97)
+        monkeypatch.setattr(nifti_mod, "GZIP_MAX_OUT_BYTES", 101)
+        monkeypatch.setattr(checks_mod, "CHECK_CHUNK_BYTES", 16)
+        monkeypatch.setattr(layout_mod, "COPY_THREADS", 3)
+        monkeypatch.setattr(nifti_mod, "SITK_GZIP", False)
     return request.param
 
 
@@ -201,14 +203,14 @@ def test_plain_nii_gz_is_inflated_by_simpleitk_and_checked(tmp_path, monkeypatch
     multi = tmp_path / "mm.nii.gz"
     raw = _nifti_bytes(arr)
     multi.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
-    real = volume_mod._PrefetchedBlocks
-    monkeypatch.setattr(volume_mod, "_PrefetchedBlocks", _NoStreaming)
+    real = nifti_mod._PrefetchedBlocks
+    monkeypatch.setattr(nifti_mod, "_PrefetchedBlocks", _NoStreaming)
     for path in (plain, sheared, wide):
         _assert_same_as_nibabel(path, simple=path != wide)
     for path in (scaled, big_endian, str(multi)):
         with pytest.raises(VolumeError, match="streamed with zlib"):
             load_volume(path)
-    monkeypatch.setattr(volume_mod, "_PrefetchedBlocks", real)
+    monkeypatch.setattr(nifti_mod, "_PrefetchedBlocks", real)
     for path in (scaled, big_endian, str(multi)):
         _assert_same_as_nibabel(path)
 
@@ -227,8 +229,8 @@ def test_simpleitk_bytes_that_fail_the_checksum_are_not_used(tmp_path, monkeypat
 
     monkeypatch.setattr(sitk, "ReadImage", altered)
     streamed = []
-    real = volume_mod._PrefetchedBlocks
-    monkeypatch.setattr(volume_mod, "_PrefetchedBlocks", lambda *a, **k: streamed.append(1) or real(*a, **k))
+    real = nifti_mod._PrefetchedBlocks
+    monkeypatch.setattr(nifti_mod, "_PrefetchedBlocks", lambda *a, **k: streamed.append(1) or real(*a, **k))
     np.testing.assert_array_equal(_assert_same_as_nibabel(path).array, arr)
     assert streamed == [1]
 

@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import volcnn.io.volume as volume_mod
+import volcnn.io.layout as layout_mod
 from tests.conftest import make_affine
 from volcnn.io import VolumeError, load_volume
-from volcnn.io.volume import empty_float32
+from volcnn.io.layout import empty_float32
 
 AFFINE = make_affine((0.7, 0.7, 1.25), (-1, -1, 1), origin=(5.0, 6.0, -7.0))
 
@@ -46,9 +46,9 @@ def test_empty_float32_is_a_c_ordered_writable_array_that_owns_its_memory():
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 4, 5), (64, 64, 9), (17, 33, 1025)])
 def test_touch_pages_writes_only_zeros_at_page_steps(shape):
     a = np.full(shape, 7.0, dtype=np.float32)
-    volume_mod._touch_pages(a)
+    layout_mod.touch_pages(a)
     flat = a.reshape(-1)
-    step = max(1, volume_mod.mmap.PAGESIZE // 4)
+    step = max(1, layout_mod.mmap.PAGESIZE // 4)
     assert np.all(flat[::step] == 0)
     rest = np.ones(flat.size, dtype=bool)
     rest[::step] = False
@@ -114,20 +114,20 @@ def _scaled(raw: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.float64])
 @pytest.mark.parametrize("convert", [None, _scaled], ids=["plain", "scaled"])
 def test_put_all_copies_every_plane_bit_for_bit(monkeypatch, threads, tasks, dtype, convert):
-    monkeypatch.setattr(volume_mod, "COPY_THREADS", threads)
-    monkeypatch.setattr(volume_mod, "PLANE_TASKS_PER_THREAD", tasks)
-    monkeypatch.setattr(volume_mod.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(layout_mod, "COPY_THREADS", threads)
+    monkeypatch.setattr(layout_mod, "PLANE_TASKS_PER_THREAD", tasks)
+    monkeypatch.setattr(layout_mod.os, "cpu_count", lambda: 4)
     zyx = np.random.default_rng(threads * 100 + tasks).integers(0, 250, (13, 11, 7)).astype(dtype)
     expected = (zyx if convert is None else convert(zyx)).transpose(2, 1, 0).astype(np.float32)
     out = np.full((7, 11, 13), np.nan, dtype=np.float32)
-    with volume_mod._BlockCopier(out, convert) as copier:
+    with layout_mod.BlockCopier(out, convert) as copier:
         copier.put_all(zyx)
     np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
 
 
 @pytest.mark.parametrize("layout", ["zyx-view", "c-order", "strided"])
 def test_xyz_float32_of_any_layout(monkeypatch, layout):
-    monkeypatch.setattr(volume_mod, "COPY_THREADS", 2)
+    monkeypatch.setattr(layout_mod, "COPY_THREADS", 2)
     xyz = np.random.default_rng(4).normal(0, 300, (9, 10, 12))
     if layout == "zyx-view":
         array = np.ascontiguousarray(xyz.transpose(2, 1, 0)).transpose(2, 1, 0)  # a DICOM stack, transposed
@@ -135,15 +135,15 @@ def test_xyz_float32_of_any_layout(monkeypatch, layout):
         array = np.ascontiguousarray(xyz)  # float64: cast
     else:
         array = np.repeat(xyz, 2, axis=1)[:, ::2]
-    out = volume_mod.xyz_float32(array)
+    out = layout_mod.xyz_float32(array)
     assert out.flags.c_contiguous and out.dtype == np.float32
     np.testing.assert_array_equal(out, xyz.astype(np.float32))
 
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_simpleitk_path_bit_identical_with_any_thread_count(tmp_path, monkeypatch, threads):
-    monkeypatch.setattr(volume_mod, "COPY_THREADS", threads)
-    monkeypatch.setattr(volume_mod.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(layout_mod, "COPY_THREADS", threads)
+    monkeypatch.setattr(layout_mod.os, "cpu_count", lambda: 4)
     arr = _ct((33, 17, 29), 5)
     path = _save(tmp_path / "d.nii.gz", arr)
     vol = load_volume(path)

@@ -3,7 +3,7 @@ metadata schema."""
 
 from __future__ import annotations
 
-from volcnn.bundle.export import export_bundle
+from volcnn.bundle.export import EXPORT_FORMATS, export_bundle
 from volcnn.bundle.package import configure_bundle, install_model
 from volcnn.bundle.verify import (
     SCHEMA_NAME,
@@ -19,6 +19,7 @@ from volcnn.bundle.verify import (
 )
 
 __all__ = [
+    "EXPORT_FORMATS",
     "configure_bundle",
     "export_bundle",
     "install_model",

@@ -1,8 +1,8 @@
 """Exporting a bundle's trained network to TorchScript (``models/model.ts``) and ONNX (``models/model.onnx``).
 
 Each file carries the settings needed to run it without the bundle (patch size, voxel size, HU window, classes,
-network, bundle version, sha256 of the source ``model.pt``); see :mod:`volcnn.inference.exported`, whose
-:func:`~volcnn.inference.load_exported` reads them back:
+network, bundle version, sha256 of the source ``model.pt``); see :mod:`volcnn.models.exported`, whose
+:func:`~volcnn.models.load_exported` reads them back:
 
 * ``model.ts`` is written by MONAI's ``ckpt_export`` (scripted, or traced where scripting fails), as
   :func:`~volcnn.bundle.check_export` does; its extra files are the bundle's ``metadata.json``, here with the
@@ -36,16 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from volcnn.bundle.verify import _ckpt_key, _overrides, _parser
-from volcnn.inference.exported import (
-    CONFIG_FILE,
-    META_FILE,
-    METADATA_KEY,
-    describe_bundle,
-    load_exported,
-)
-from volcnn.inference.runner import file_sha256, load_checkpoint
-from volcnn.io.atomic import atomic_path, atomic_write_json
+from volcnn.core.atomic import atomic_path, atomic_write_json
+from volcnn.core.hashing import sha256_file
+from volcnn.models.bundle_config import CONFIG_FILE, META_FILE, bundle_overrides, load_bundle_network
+from volcnn.models.exported import METADATA_KEY, load_exported
+from volcnn.models.weights import weights_key
 
 __all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "export_bundle", "export_onnx", "export_torchscript"]
 
@@ -129,7 +124,7 @@ def export_torchscript(
     with tempfile.TemporaryDirectory(prefix="volcnn-export-") as tmp:
         meta_file = Path(tmp) / META_FILE  # the bundle's metadata with the description: ckpt_export stores it as is
 
-        overrides: dict[str, Any] = dict(_overrides(bundle_dir, "cpu"))
+        overrides: dict[str, Any] = dict(bundle_overrides(bundle_dir, "cpu"))
 
         def run(use_trace: bool) -> None:
             exporter = "torchscript-trace" if use_trace else "torchscript-script"
@@ -140,7 +135,7 @@ def export_torchscript(
                 ckpt_file=str(ckpt),
                 meta_file=str(meta_file),
                 config_file=str(bundle_dir / "configs" / CONFIG_FILE),
-                key_in_ckpt=_ckpt_key(ckpt),
+                key_in_ckpt=weights_key(ckpt),
                 use_trace=use_trace,
                 input_shape=list(input_shape) if use_trace else None,
                 **overrides,
@@ -279,12 +274,11 @@ def export_bundle(
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"{ckpt_path}: checkpoint not found; train the bundle or pass ckpt")
 
-    parser = _parser(root, config_file, meta_file, "cpu")
-    network = load_checkpoint(parser.get_parsed_content(net_id, instantiate=True), ckpt_path, "cpu")
+    network, description, _ = load_bundle_network(root, ckpt_path, "cpu", net_id=net_id)
     description = {
-        **describe_bundle(parser),
+        **description,
         "source_model": ckpt_path.name,
-        "source_sha256": file_sha256(ckpt_path),
+        "source_sha256": sha256_file(ckpt_path),
         **_versions(),
     }
     input_shape = [1, int(description["in_channels"]), *description["patch_size"]]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from volcnn.io.atomic import atomic_path, atomic_write_json
+from volcnn.core.atomic import atomic_path, atomic_write_json
 
 __all__ = ["configure_bundle", "install_model", "CONFIG_FILES"]
 

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,11 @@ from typing import Any, Literal
 
 import torch
 from jsonschema import Draft201909Validator
+
+from volcnn.core.errors import VolcnnError
+from volcnn.core.hashing import sha256_file
+from volcnn.models.bundle_config import bundle_overrides, bundle_parser
+from volcnn.models.weights import load_weights, weights_key
 
 __all__ = [
     "SCHEMA_NAME",
@@ -57,11 +61,11 @@ _META = Path("configs") / "metadata.json"
 Status = Literal["pass", "fail", "skip"]
 
 
-class SchemaIntegrityError(RuntimeError):
-    """The vendored schema file is missing or its sha256 differs from :data:`SCHEMA_SHA256`."""
+class SchemaIntegrityError(VolcnnError, RuntimeError):
+    """The vendored schema file is missing or its sha256 differs from :data:`SCHEMA_SHA256` (exit code 1)."""
 
 
-class MetadataValidationError(ValueError):
+class MetadataValidationError(VolcnnError, ValueError):
     """``metadata.json`` does not satisfy the schema; ``errors`` lists one line per violation."""
 
     def __init__(self, errors: Sequence[str], source: str = "metadata") -> None:
@@ -92,10 +96,6 @@ class CheckResult:
         return f"{self.status.upper():4} {self.name}: {self.detail}"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_schema(path: str | os.PathLike[str] | None = None, *, expected_sha256: str = SCHEMA_SHA256) -> dict[str, Any]:
     """Load the vendored metadata schema after checking its sha256.
 
@@ -109,7 +109,7 @@ def load_schema(path: str | os.PathLike[str] | None = None, *, expected_sha256: 
     schema_path = _SCHEMA_PATH if path is None else Path(path)
     if not schema_path.is_file():
         raise SchemaIntegrityError(f"vendored schema not found: {schema_path}")
-    digest = _sha256(schema_path)
+    digest = sha256_file(schema_path)
     if digest != expected_sha256:
         raise SchemaIntegrityError(
             f"vendored schema {schema_path} has sha256 {digest}, expected {expected_sha256}; "
@@ -158,27 +158,11 @@ def validate_metadata(
     logger.info("%s is valid against %s", source, SCHEMA_NAME)
 
 
-def _overrides(bundle_dir: Path, device: str) -> dict[str, str]:
-    # bundle_root made absolute so that config paths resolve from anywhere; device pinned for the check.
-    return {"bundle_root": str(bundle_dir), "device": f"$torch.device({device!r})"}
-
-
 def _io_spec(meta_file: Path) -> tuple[int, tuple[int, ...], int]:
     """(input channels, input spatial shape, output channels) from ``network_data_format``."""
     fmt = json.loads(meta_file.read_text(encoding="utf-8"))["network_data_format"]
     image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
     return int(image["num_channels"]), tuple(int(s) for s in image["spatial_shape"]), int(pred["num_channels"])
-
-
-def _parser(bundle_dir: Path, config_file: Path, meta_file: Path, device: str) -> Any:
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(f=str(config_file))
-    parser.read_meta(f=str(meta_file))
-    for key, value in _overrides(bundle_dir, device).items():
-        parser[key] = value
-    return parser
 
 
 def check_network_io(
@@ -225,15 +209,6 @@ def check_network_io(
     return f"{net_id}: (1, {in_ch}, {', '.join(map(str, spatial))}) -> (1, {out_ch}) as in metadata"
 
 
-def _ckpt_key(ckpt_file: Path) -> str:
-    """Key of the weights in a nested checkpoint (``{"network": ..., "optimizer": ...}``), or ``""``."""
-    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    for key in ("network", "model", "net"):
-        if isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping):
-            return key
-    return ""
-
-
 def check_export(
     bundle_dir: str | os.PathLike[str],
     *,
@@ -271,7 +246,7 @@ def check_export(
     config = root / _CONFIG if config_file is None else Path(config_file)
     meta = root / _META
     in_ch, spatial, out_ch = _io_spec(meta)
-    parser = _parser(root, config, meta, "cpu")
+    parser = bundle_parser(root, config, device="cpu")
     net = parser.get_parsed_content(net_id, instantiate=True)
     ckpt = root / "models" / "model.pt"
 
@@ -282,9 +257,8 @@ def check_export(
         else:
             ckpt, target, source = Path(tmp) / "model.pt", Path(tmp) / "model.ts", "fresh weights (no models/model.pt)"
             torch.save(net.state_dict(), ckpt)
-        key = _ckpt_key(ckpt)
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(state[key] if key else state)
+        key = weights_key(ckpt)
+        load_weights(net, ckpt)
 
         how = "traced" if use_trace else "scripted"
         kwargs: dict[str, Any] = {
@@ -294,7 +268,7 @@ def check_export(
             "meta_file": str(meta),
             "config_file": str(config),
             "key_in_ckpt": key,
-            **_overrides(root, "cpu"),
+            **bundle_overrides(root, "cpu"),
         }
         try:
             ckpt_export(use_trace=bool(use_trace), input_shape=[1, in_ch, *spatial], **kwargs)

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
+from volcnn.core.atomic import atomic_write_bytes
 from volcnn.data.dicom_series import nifti_gz_bytes, write_dicom_series
 from volcnn.data.nodules import Nodule, place_nodules, sample_candidates, sample_nodule
 from volcnn.data.phantom import SIZES, CaseGeometry, SizeSpec, build_phantom, chunk_slices
-from volcnn.io.atomic import atomic_write_bytes
 from volcnn.io.datalist import SECTIONS
 from volcnn.io.datalist_split import split_patients
 

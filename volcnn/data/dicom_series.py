@@ -19,7 +19,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from volcnn.io.atomic import atomic_write_bytes
+from volcnn.core.atomic import atomic_write_bytes
 
 __all__ = ["nifti_gz_bytes", "slice_layout", "write_dicom_series"]
 

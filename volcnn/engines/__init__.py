@@ -3,13 +3,13 @@ monitoring."""
 
 from __future__ import annotations
 
+from volcnn.core.options import as_bool
 from volcnn.engines.amp import AmpPolicy, resolve_amp
-from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_checkpoint
+from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_training_checkpoint
 from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank, rank_seed, world_size
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
 from volcnn.engines.monitor import TrainingMonitor
-from volcnn.engines.options import as_bool
 from volcnn.engines.prepare import AugmentOnDevice, train_random_sources
 from volcnn.engines.progress import progress_bar
 from volcnn.engines.sampling import ShardSampler, make_sampler
@@ -32,7 +32,7 @@ __all__ = [
     "as_bool",
     "class_weights",
     "is_rank0",
-    "load_checkpoint",
+    "load_training_checkpoint",
     "make_sampler",
     "ShardSampler",
     "process_rank",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from volcnn.engines.options import as_bool
+from volcnn.core.options import as_bool
 
 __all__ = ["AmpPolicy", "resolve_amp", "cpu_has_fast_bf16"]
 

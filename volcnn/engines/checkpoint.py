@@ -6,7 +6,7 @@ Layout in ``ckpt_dir``::
     model.pt                  weights of the best epoch by the key metric (the bundle's model file)
 
 Every file is written to a temporary file beside it, fsynced and renamed over the target
-(:func:`volcnn.io.atomic.atomic_path`), so a kill at any moment leaves the previous files intact. A full
+(:func:`volcnn.core.atomic.atomic_path`), so a kill at any moment leaves the previous files intact. A full
 checkpoint holds the model, optimizer, scheduler and GradScaler states, the trainer's epoch, the best metric
 so far, the early-stopping state and every RNG state (:mod:`volcnn.engines.rng_state`: the global generators, the
 data loader's, and the transform states of the dataset's transform and of the trainer's ``prepare_batch``, where
@@ -28,12 +28,12 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from volcnn.core.atomic import atomic_path, atomic_write_json
 from volcnn.engines.dist import is_rank0, process_rank, world_size
 from volcnn.engines.prepare import train_random_sources
 from volcnn.engines.rng_state import capture_rng, restore_rng
-from volcnn.io.atomic import atomic_path, atomic_write_json
 
-__all__ = ["TrainingCheckpointer", "CheckpointError", "load_checkpoint"]
+__all__ = ["TrainingCheckpointer", "CheckpointError", "load_training_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used to resume (unreadable, or written by a different run configuration)."""
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a full checkpoint with ``weights_only=True`` and check that it is one of ours.
 
     Raises:
@@ -152,7 +152,7 @@ class TrainingCheckpointer:
 
     def _clean_temporaries(self, engine: Engine | None = None) -> None:
         """Remove temp files a killed write left behind (``.checkpoint_epoch*.pt``, ``.model.*.pt``,
-        ``.best.*.json``: :func:`volcnn.io.atomic.atomic_path` names them ``.{stem}.{random}{suffixes}``)."""
+        ``.best.*.json``: :func:`volcnn.core.atomic.atomic_path` names them ``.{stem}.{random}{suffixes}``)."""
         if not self.ckpt_dir.is_dir():
             return
         best = Path(self.best_filename)
@@ -297,7 +297,7 @@ class TrainingCheckpointer:
         errors = []
         for path in reversed(candidates):
             try:
-                ckpt = load_checkpoint(path)
+                ckpt = load_training_checkpoint(path)
             except CheckpointError as e:
                 logger.warning("resume: skipping %s", e)
                 errors.append(str(e))

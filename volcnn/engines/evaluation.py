@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from volcnn import metrics as M
+from volcnn import evaluation as M
+from volcnn.core.atomic import atomic_write_json
 from volcnn.engines.dist import is_rank0, world_size
-from volcnn.io.atomic import atomic_write_json
-from volcnn.report import plot_calibration, plot_confusion, plot_roc, write_predictions_csv, write_report_html
+from volcnn.evaluation import plot_calibration, plot_confusion, plot_roc, write_predictions_csv, write_report_html
 
 __all__ = ["PredictionCollector", "EvaluationReport"]
 

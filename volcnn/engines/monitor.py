@@ -27,7 +27,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from volcnn.engines.dist import is_rank0
-from volcnn.report.patches import PatchView, patch_view, render_patch_grid
+from volcnn.evaluation.patches import PatchView, patch_view, render_patch_grid
 
 __all__ = ["TrainingMonitor", "loss_from_output"]
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from ignite.engine import Engine
 
+from volcnn.core.options import as_bool
 from volcnn.engines.dist import is_rank0
 from volcnn.engines.monitor import loss_from_output
-from volcnn.engines.options import as_bool
 
 __all__ = ["progress_bar"]
 

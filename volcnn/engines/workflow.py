@@ -9,9 +9,9 @@ from typing import Any
 import monai
 from ignite.engine import Engine
 
+from volcnn.core.options import as_bool
 from volcnn.engines.checkpoint import TrainingCheckpointer
 from volcnn.engines.dist import process_rank
-from volcnn.engines.options import as_bool
 from volcnn.engines.trainer import NonFiniteLossError
 
 __all__ = ["seed_everything", "run_training", "quiet_non_rank0"]

@@ -26,7 +26,6 @@ from volcnn.explain.output import (
     METHOD_LABELS,
     explain_findings,
     paste_to_grid,
-    preprocess_volume,
     write_explanation,
 )
 from volcnn.explain.render import render_explanation_png, to_ras
@@ -45,7 +44,6 @@ __all__ = [
     "explain_findings",
     "log_odds",
     "paste_to_grid",
-    "preprocess_volume",
     "render_explanation_png",
     "to_ras",
     "write_explanation",

@@ -49,9 +49,12 @@ from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
 from monai.visualize.class_activation_maps import ModelWithHooks
 from torch import nn
 
+from volcnn.core.geometry import as_affine, world_to_voxel
 from volcnn.explain.cell_geometry import CellGeometry, cell_upsampler, layer_cell_geometry
+from volcnn.networks.families import cam_layers
+from volcnn.networks.introspect import in_channels as network_in_channels
+from volcnn.networks.introspect import unwrap
 from volcnn.transforms.crop import WorldPatchCrop
-from volcnn.transforms.geometry import as_affine, world_to_voxel
 
 __all__ = [
     "EXPLAIN_METHODS",
@@ -73,10 +76,6 @@ MIN_CAM_GRID = 4
 #: how a patch reaching beyond the volume is completed: as inference does (``replicate``) or with air (``constant``)
 PADDING_MODES = ("replicate", "constant")
 
-# preferred Grad-CAM layers per architecture, deepest first
-_RESNET_LAYERS = ("layer4", "layer3", "layer2", "layer1")
-_DENSENET_LAYERS = ("class_layers.relu", "features.denseblock3", "features.denseblock2", "features.denseblock1")
-_SEED_LAYERS = ("features.4", "features.1")
 
 
 @dataclass
@@ -133,44 +132,14 @@ class _LogOddsHooks(ModelWithHooks):
         return log_odds(logits, int(class_idx))
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The module inside ``DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(network, "_orig_mod", None) or (
-            network.module if isinstance(network, nn.DataParallel | nn.parallel.DistributedDataParallel) else None
-        )
-        if not isinstance(inner, nn.Module):
-            return network
-        network = inner
-
-
 def candidate_layers(network: nn.Module) -> list[str]:
-    """The Grad-CAM layers preferred for ``network``, deepest first (see the module docstring).
-
-    Known architectures (MONAI ResNet, DenseNet, :class:`~volcnn.networks.SeedCNN3d`) list their trunk's blocks;
-    any other network lists its ``Conv3d`` modules, last first.
-    """
-    from monai.networks.nets import DenseNet, ResNet
-
-    from volcnn.networks.seed_cnn import SeedCNN3d
-
-    net = _unwrap(network)
-    names = {name for name, _ in net.named_modules()}
-    preferred: tuple[str, ...] = ()
-    if isinstance(net, ResNet):
-        preferred = _RESNET_LAYERS
-    elif isinstance(net, DenseNet):
-        preferred = _DENSENET_LAYERS
-    elif isinstance(net, SeedCNN3d):
-        preferred = _SEED_LAYERS
-    found = [n for n in preferred if n in names]
-    if found:
-        return found
-    return [name for name, m in reversed(list(net.named_modules())) if isinstance(m, nn.Conv3d)]
+    """The Grad-CAM layers preferred for ``network``, deepest first: its family's (MONAI ResNet, DenseNet,
+    ``seed_cnn3d``; see :func:`volcnn.networks.cam_layers`), else its ``Conv3d`` modules, last first."""
+    return cam_layers(network)
 
 
 def _layer_names(network: nn.Module) -> list[str]:
-    return [name for name, _ in _unwrap(network).named_modules() if name]
+    return [name for name, _ in unwrap(network).named_modules() if name]
 
 
 def _unknown_layer(network: nn.Module, layer: str) -> ValueError:
@@ -215,11 +184,11 @@ def default_target_layer(network: nn.Module, patch_size: Sequence[int], in_chann
     Raises:
         ValueError: when the network has no candidate layer with a 3D output (name one with ``target_layer``).
     """
-    net = _unwrap(network)
+    net = unwrap(network)
     names = candidate_layers(net)
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    channels = in_channels if in_channels is not None else _in_channels(net)
+    channels = in_channels if in_channels is not None else network_in_channels(net, default=1)
     x = torch.zeros((1, channels, *(int(p) for p in patch_size)), device=device)
     shapes = [(n, s) for n, s in _output_shapes(net, names, x) if len(s) == 5]
     if not shapes:
@@ -232,13 +201,6 @@ def default_target_layer(network: nn.Module, patch_size: Sequence[int], in_chann
         if min(shape[2:]) >= MIN_CAM_GRID:
             return name
     return max(deep_first, key=lambda ns: int(np.prod(ns[1][2:])))[0]
-
-
-def _in_channels(network: nn.Module) -> int:
-    for m in network.modules():
-        if isinstance(m, nn.Conv3d):
-            return int(m.in_channels)
-    return 1
 
 
 def crop_patch(
@@ -343,7 +305,7 @@ class Explainer:
         self.method = method
         self.class_index = int(class_index)
         self.padding = padding
-        source = _unwrap(network)
+        source = unwrap(network)
         if device is None:
             param = next(source.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")

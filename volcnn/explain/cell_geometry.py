@@ -47,7 +47,6 @@ overshoot its maximum). :func:`cell_upsampler` wraps it in the ``upsampler`` con
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +55,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
+
+from volcnn.networks.introspect import detached_copy
+from volcnn.networks.introspect import in_channels as network_in_channels
 
 __all__ = [
     "SIZE_STEP",
@@ -194,16 +196,6 @@ class _ProbeFailed(Exception):
     """The layer's cells do not sit on a lattice of receptive-field centres that the probe can measure."""
 
 
-def _copy_to(module: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
-    """An eval-mode copy of ``module`` with its floating tensors on ``device`` in ``dtype`` (meta: no data)."""
-    memo: dict[int, object] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to(device, dtype), requires_grad=False)
-    for b in module.buffers():
-        memo[id(b)] = b.detach().to(device, dtype if b.is_floating_point() else b.dtype)
-    return copy.deepcopy(module, memo).eval()
-
-
 def _without_global_norms(module: nn.Module) -> nn.Module:
     """``module`` with instance, group and layer norms replaced by identities (in place; returns it)."""
     for parent in list(module.modules()):
@@ -237,13 +229,6 @@ def _layer_output(network: nn.Module, layer: str, x: torch.Tensor) -> torch.Tens
     return seen[0] if seen and seen[0].ndim == 5 else None
 
 
-def _in_channels(network: nn.Module) -> int:
-    for m in network.modules():
-        if isinstance(m, nn.Conv3d):
-            return int(m.in_channels)
-    return 1
-
-
 def layer_cell_geometry(
     network: nn.Module, layer: str, spatial_size: Sequence[int], in_channels: int | None = None
 ) -> CellGeometry:
@@ -271,7 +256,7 @@ def layer_cell_geometry(
     if layer not in dict(network.named_modules()):
         raise ValueError(f"unknown layer {layer!r}")
     size = tuple(int(s) for s in spatial_size)
-    channels = in_channels if in_channels is not None else _in_channels(network)
+    channels = in_channels if in_channels is not None else network_in_channels(network, default=1)
     key = (_fingerprint(network), layer, size, channels)
     if key not in _CACHE:
         _CACHE[key] = _measure(network, layer, size, channels)
@@ -300,7 +285,7 @@ def _fingerprint(network: nn.Module) -> tuple[object, ...]:
 def _measure(network: nn.Module, layer: str, size: tuple[int, ...], channels: int) -> tuple[CellGeometry, str]:
     """:func:`layer_cell_geometry` without the cache: the geometry, and why it is MONAI's even tiling ("": it is
     not)."""
-    meta = _copy_to(network, "meta", torch.float32)
+    meta = detached_copy(network, "meta", torch.float32)
 
     def cells_at(shape: Sequence[int]) -> tuple[int, ...] | None:
         out = _layer_output(meta, layer, torch.empty(1, channels, *shape, device="meta"))
@@ -312,7 +297,7 @@ def _measure(network: nn.Module, layer: str, size: tuple[int, ...], channels: in
             f"layer {layer!r} has no (B, C, X, Y, Z) output for a {size} input; choose a convolutional layer"
         )
     try:
-        probe = _without_global_norms(_copy_to(network, "cpu", torch.float32))
+        probe = _without_global_norms(detached_copy(network, "cpu", torch.float32))
         thin: list[int] | None = None
         lattice: list[tuple[float, float]] = []
         for d in range(3):

@@ -17,17 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged
 from torch import nn
 
+from volcnn.core.atomic import atomic_write_bytes
+from volcnn.core.geometry import as_affine, translate, voxel_to_world, world_to_voxel
 from volcnn.explain.cam import Explainer
 from volcnn.explain.render import render_explanation_png
-from volcnn.inference.heatmap import resample_to_grid
-from volcnn.io import VolcnnReader, Volume, atomic_write_bytes, load_volume, write_nifti
-from volcnn.transforms import volume_transforms
-from volcnn.transforms.geometry import as_affine, translate, voxel_to_world, world_to_voxel
+from volcnn.io.types import Volume
+from volcnn.io.volume import load_volume
+from volcnn.io.writer import write_nifti
+from volcnn.transforms.resample import resample_to_grid
+from volcnn.transforms.volume_cache import preprocess_volume
 
-__all__ = ["METHOD_LABELS", "explain_findings", "paste_to_grid", "preprocess_volume", "write_explanation"]
+__all__ = ["METHOD_LABELS", "explain_findings", "paste_to_grid", "write_explanation"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def paste_to_grid(
     """Resample a patch's values onto another voxel grid through world coordinates, 0 outside the patch.
 
     The patch is given a one-voxel border of zeros, then resampled trilinearly
-    (:func:`~volcnn.inference.resample_to_grid`) over the output voxels within its bounding box only, so the cost
+    (:func:`~volcnn.transforms.resample_to_grid`) over the output voxels within its bounding box only, so the cost
     does not grow with the size of the output grid and values fall to 0 within one patch voxel of its edge.
 
     Args:
@@ -149,34 +151,6 @@ def write_explanation(
     )
     atomic_write_bytes(paths["png"], png)
     return paths
-
-
-class _PreloadedReader(VolcnnReader):
-    """A :class:`~volcnn.io.VolcnnReader` handing out a volume already in memory."""
-
-    def __init__(self, volume: Volume) -> None:
-        super().__init__()
-        self.volume = volume
-
-    def read(self, data: Any, **kwargs: Any) -> Volume:
-        return self.volume
-
-
-def preprocess_volume(volume: Volume, pixdim: Sequence[float], hu_window: Sequence[float]) -> MetaTensor:
-    """The training / inference chain (:func:`~volcnn.transforms.volume_transforms`) on a loaded volume.
-
-    Returns:
-        MetaTensor ``(1, X, Y, Z)`` in RAS at ``pixdim``, windowed to [0, 1], with its affine.
-    """
-    chain = volume_transforms("image", tuple(float(p) for p in pixdim), tuple(float(w) for w in hu_window))
-    load = chain.transforms[0]
-    if not isinstance(load, LoadImaged):
-        raise TypeError(f"unexpected first transform {type(load).__name__} in volume_transforms")
-    data = load({"image": volume.path}, reader=_PreloadedReader(volume))
-    image = chain(data, start=1)["image"]
-    if not isinstance(image, MetaTensor):
-        raise TypeError(f"preprocessing gave {type(image).__name__}, expected a MetaTensor")
-    return image
 
 
 def _setting(settings: Any, key: str, default: Any = None, required: bool = False) -> Any:

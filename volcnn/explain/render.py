@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 
-from volcnn.transforms.geometry import as_affine, world_to_voxel
+from volcnn.core.geometry import as_affine, world_to_voxel
 
 __all__ = ["SALIENCY_CMAP", "render_explanation_png", "to_ras"]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from volcnn.transforms.geometry import as_affine, voxel_to_world
+from volcnn.core.geometry import as_affine, voxel_to_world
 
 __all__ = ["SCORE_METHODS", "find_peaks", "local_maxima", "volume_score"]
 

@@ -1,4 +1,4 @@
-"""Whole-volume probability heat maps from a patch classifier, and resampling them onto another voxel grid.
+"""Whole-volume probability heat maps from a patch classifier, window by window.
 
 MONAI's ``sliding_window_inference`` stitches dense outputs ``(B, C, *spatial)`` and rejects a classifier's
 ``(B, K)`` logits, so the heat map is built here: a window of ``patch_size`` voxels is centred on every point
@@ -8,8 +8,8 @@ one class is recorded at that point. Windows are centred the way training patche
 probability at a grid point is what the classifier says about a candidate there.
 
 The window loop is deliberately plain (one forward pass per window, batched); it is the reference against
-which the dense evaluation (:mod:`volcnn.inference.dense`) is checked. :func:`resample_to_grid` brings the heat
-map back onto the input's own grid, whatever its orientation (LPS, RAS, permuted or oblique).
+which the dense evaluation (:mod:`volcnn.inference.dense`) is checked. The heat map goes back onto the input's own
+grid with :func:`volcnn.transforms.resample_to_grid`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volcnn.transforms.geometry import as_affine
+from volcnn.core.geometry import as_affine
 
 __all__ = [
     "AIR_THRESHOLD",
     "classifier_heatmap",
     "heatmap_grid",
     "iter_window_batches",
-    "resample_to_grid",
     "select_windows",
     "stride_from_mm",
     "window_probabilities",
@@ -264,57 +263,4 @@ def _predict(
                 bar.update(len(p))
     finally:
         network.train(was_training)
-    return out
-
-
-def resample_to_grid(
-    heat: np.ndarray | torch.Tensor,
-    heat_affine: np.ndarray,
-    out_shape: Sequence[int],
-    out_affine: np.ndarray,
-    chunk_voxels: int = 1 << 21,
-) -> np.ndarray:
-    """Trilinear resampling of a heat map onto another voxel grid, through world coordinates.
-
-    For every output voxel ``idx``: ``world = out_affine @ idx``, ``h = inv(heat_affine) @ world``, and the value
-    is the heat map interpolated trilinearly at continuous index ``h`` (clamped to the heat grid at its border).
-    Works for any pair of affines (LPS, RAS, permuted, oblique). Computed in chunks of output slices so that no
-    grid tensor of the full output size exists.
-
-    Args:
-        heat: ``(nx, ny, nz)`` values.
-        heat_affine: ``(4, 4)`` heat-grid index -> world mm.
-        out_shape: output ``(X, Y, Z)``.
-        out_affine: ``(4, 4)`` output index -> world mm.
-        chunk_voxels: output voxels per chunk (bounds the temporary grid, 12 bytes per voxel).
-
-    Returns:
-        float32 ``out_shape``.
-    """
-    h = torch.as_tensor(np.asarray(heat, dtype=np.float32))
-    if h.ndim != 3:
-        raise ValueError(f"expected a 3D heat map, got shape {tuple(h.shape)}")
-    n = np.asarray(h.shape, dtype=np.float64)
-    # output index -> heat index -> grid_sample's normalised [-1, 1] coordinate (align_corners=True)
-    to_norm = np.eye(4)
-    for a in range(3):
-        if n[a] > 1:
-            to_norm[a, a], to_norm[a, 3] = 2.0 / (n[a] - 1), -1.0
-        else:  # a single sample: every position reads it
-            to_norm[a, a], to_norm[a, 3] = 0.0, 0.0
-    m = to_norm @ np.linalg.inv(as_affine(heat_affine)) @ as_affine(out_affine)
-    # grid_sample's last dimension is (W, H, D) = (z, y, x) for an input (N, C, D, H, W) = (N, C, X, Y, Z)
-    m = torch.as_tensor(m[[2, 1, 0], :], dtype=torch.float64)
-    sx, sy, sz = (int(v) for v in out_shape)
-    out = np.empty((sx, sy, sz), dtype=np.float32)
-    jj = torch.arange(sy, dtype=torch.float64)[:, None, None]
-    kk = torch.arange(sz, dtype=torch.float64)[None, :, None]
-    base = jj * m[:, 1] + kk * m[:, 2] + m[:, 3]  # (Y, Z, 3)
-    step = max(1, int(chunk_voxels) // max(1, sy * sz))
-    src = h[None, None]
-    for x0 in range(0, sx, step):
-        ii = torch.arange(x0, min(sx, x0 + step), dtype=torch.float64)[:, None, None, None]
-        grid = (base[None] + ii * m[:, 0]).to(torch.float32)  # (cx, Y, Z, 3)
-        sampled = F.grid_sample(src, grid[None], mode="bilinear", padding_mode="border", align_corners=True)
-        out[x0 : x0 + grid.shape[0]] = sampled[0, 0].numpy()
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from volcnn.io.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from volcnn.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from volcnn.io.datalist import DatalistError, load_datalist, read_datalist_json
 from volcnn.io.reader import LoadVolumed, VolcnnReader
 from volcnn.io.volume import Volume, VolumeError, load_volume

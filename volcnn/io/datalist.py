@@ -7,13 +7,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from volcnn.core.errors import VolcnnError
+
 __all__ = ["SECTIONS", "DatalistError", "load_datalist", "read_datalist_json"]
 
 SECTIONS = ("training", "validation", "test")
 
 
-class DatalistError(ValueError):
-    """A datalist is malformed; the message names the file, the section and the entry."""
+class DatalistError(VolcnnError, ValueError):
+    """A datalist (or a CSV it is built from) is malformed; the message names the file, the section and the entry
+    (exit code 1)."""
 
 
 def read_datalist_json(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from volcnn.core.geometry import world_to_voxel
 from volcnn.io.datalist import read_datalist_json
 from volcnn.io.datalist_split import SECTIONS, count_labels
+from volcnn.io.volume import load_volume
 
 __all__ = ["CheckReport", "check_datalist"]
 
@@ -204,9 +206,6 @@ def _check_image(
     problems: list[str],
 ) -> bool:
     """Load one image and check every centre that uses it; False when it does not load."""
-    from volcnn.io.volume import load_volume
-    from volcnn.transforms.geometry import world_to_voxel
-
     try:
         vol = load_volume(resolved)
     except Exception as e:  # any reader failure is a problem to list, not a crash

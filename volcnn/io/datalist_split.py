@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from volcnn.io.atomic import atomic_write_json
+from volcnn.core.atomic import atomic_write_json
 from volcnn.io.datalist import SECTIONS, DatalistError
 
 __all__ = [

@@ -25,7 +25,6 @@ PixelSpacing is ``[spacing between rows, spacing between columns]``, i.e. ``[Y, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -38,7 +37,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from volcnn.io.volume import Volume, VolumeError
+from volcnn.core.hashing import short_hash
+from volcnn.io.sources import looks_like_dicom
+from volcnn.io.types import Volume, VolumeError
 
 __all__ = [
     "SeriesFiles",
@@ -67,7 +68,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def uid_hash(uid: str) -> str:
     """First 12 hex digits of the sha256 of a UID: a stable name for a series that does not expose it."""
-    return hashlib.sha256(str(uid).encode()).hexdigest()[:12]
+    return short_hash(uid)
 
 
 @dataclass
@@ -85,18 +86,6 @@ class SeriesFiles:
     files: list[Path] = field(default_factory=list)
     description: str = ""
     modality: str = ""
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    """A Part 10 file ("DICM" after the 128-byte preamble) or a ``.dcm`` file."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def discover_series(folder: str | os.PathLike[str]) -> list[SeriesFiles]:
@@ -124,7 +113,7 @@ def _group_folder(folder: str | os.PathLike[str], headers_only: bool) -> list[tu
         raise VolumeError(root, "not a folder")
     groups: dict[str, tuple[SeriesFiles, list[Any]]] = {}
     for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if not _looks_like_dicom(path):
+        if not looks_like_dicom(path):
             continue
         try:
             if headers_only:

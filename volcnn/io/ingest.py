@@ -1,8 +1,8 @@
 """Batch conversion of CT inputs (NIfTI, MetaImage, DICOM series) into validated NIfTI with a manifest.
 
 ``ingest(sources, out_dir)`` walks the sources, reads every input through the validated reader
-(:func:`volcnn.io.volume.load_volume`, or :mod:`volcnn.io.dicom` where available so that a folder holding
-several series gives one output per series), and writes under ``out_dir``:
+(:func:`volcnn.io.volume.load_volume`; a folder's DICOM files are grouped into series by :mod:`volcnn.io.dicom`,
+so a folder holding several series gives one output per series), and writes under ``out_dir``:
 
 - ``<name>.nii.gz`` per input: int16 where every voxel is an integer in the int16 range, float32 otherwise,
   with the volume's affine (sform/qform code 1), written atomically;
@@ -16,46 +16,41 @@ re-run skips the inputs already converted (same source path and source hash, out
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from volcnn.io.atomic import atomic_write_json
-from volcnn.io.volume import METAIMAGE_SUFFIXES, NIFTI_SUFFIXES, Volume, VolumeError, load_volume
+from volcnn.core.atomic import atomic_write_json
+from volcnn.core.errors import UsageError
+from volcnn.core.hashing import sha256_file, sha256_files
+from volcnn.io.dicom import discover_series, load_dicom_files
+from volcnn.io.input_hash import input_files
+from volcnn.io.sources import DICOM_SUFFIXES, has_dicom_preamble, is_volume_file, safe_name, strip_volume_suffix
+from volcnn.io.types import Volume, VolumeError
+from volcnn.io.volume import load_volume
 from volcnn.io.writer import write_nifti
 
-try:  # the per-series DICOM reader; until it lands a DICOM folder is one unit read by load_volume
-    from volcnn.io.dicom import discover_series, load_dicom_files
-except ImportError:  # pragma: no cover - depends on the state of the tree
-    discover_series = None  # type: ignore[assignment]
-    load_dicom_files = None  # type: ignore[assignment]
-
-__all__ = ["IngestError", "IngestInput", "IngestResult", "ingest", "find_inputs", "is_dicom_file"]
+__all__ = ["IngestError", "IngestInput", "IngestResult", "find_inputs", "ingest"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.json"
-#: file suffixes that claim to be DICOM; such a file without the DICM preamble is reported, not ignored
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: checks :func:`load_volume` applies to every volume it returns
 BASE_CHECKS = ("read to end", "3D", "finite", "affine non-degenerate")
 #: further checks applied to a DICOM series
 DICOM_CHECKS = ("single series", "uniform slice spacing")
 INT16_MIN, INT16_MAX = -32768, 32767
-_HASH_CHUNK = 1 << 20
 
 
-class IngestError(RuntimeError):
-    """The output folder cannot be used (for example an unreadable manifest); nothing was converted."""
+class IngestError(UsageError, RuntimeError):
+    """The output folder cannot be used (for example an unreadable manifest); nothing was converted (exit 2)."""
 
 
 @dataclass
@@ -99,32 +94,6 @@ class IngestResult:
         return 1 if self.failures else 0
 
 
-def is_dicom_file(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` starts with the 128-byte DICOM preamble followed by ``DICM``."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def _is_volume_file(name: str) -> bool:
-    return name.endswith(NIFTI_SUFFIXES + METAIMAGE_SUFFIXES)
-
-
-def _stem(name: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".mhd", ".mha"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _sanitise(name: str) -> str:
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
-    return clean or "volume"
-
-
 def _join(source: str, rel: str) -> str:
     rel = os.path.normpath(rel)
     return source if rel in ("", ".") else os.path.join(source, rel)
@@ -153,9 +122,9 @@ def find_inputs(
             failures.append({"source": src_str, "error": str(VolumeError(src_str, "does not exist"))})
             continue
         if path.is_file():
-            if _is_volume_file(path.name):
-                inputs.append(IngestInput(source=src_str, kind="file", name=_stem(path.name)))
-            elif is_dicom_file(path):
+            if is_volume_file(path.name):
+                inputs.append(IngestInput(source=src_str, kind="file", name=strip_volume_suffix(path.name)))
+            elif has_dicom_preamble(path):
                 problem = "a single DICOM file; give the folder holding the series"
                 failures.append({"source": src_str, "error": str(VolumeError(src_str, problem))})
             else:
@@ -172,10 +141,10 @@ def find_inputs(
             dicom_files: list[Path] = []
             for fname in sorted(filenames):
                 fpath = here / fname
-                if _is_volume_file(fname):
-                    name = _stem(fname)
+                if is_volume_file(fname):
+                    name = strip_volume_suffix(fname)
                     inputs.append(IngestInput(source=_join(src_str, os.path.join(rel, fname)), kind="file", name=name))
-                elif is_dicom_file(fpath):
+                elif has_dicom_preamble(fpath):
                     dicom_files.append(fpath)
                 elif fname.lower().endswith(DICOM_SUFFIXES):
                     fsrc = _join(src_str, os.path.join(rel, fname))
@@ -195,9 +164,7 @@ def find_inputs(
 
 
 def _split_series(inp: IngestInput) -> list[IngestInput]:
-    """One input per DICOM series of a folder input, when :mod:`volcnn.io.dicom` is available."""
-    if discover_series is None:
-        return [inp]
+    """One input per DICOM series of a folder input."""
     folder = Path(inp.source)
     wanted = {p.resolve() for p in inp.files}
     series = []
@@ -212,58 +179,14 @@ def _split_series(inp: IngestInput) -> list[IngestInput]:
     return [IngestInput(inp.source, "dicom", f"{inp.name}_{uid[:8]}", files, uid) for uid, files in series]
 
 
-def _series_uid_hash(files: Iterable[Path]) -> str | None:
-    """12 hex chars of the SeriesInstanceUID's sha256, from the first file that has one."""
-    import pydicom
-
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-            uid = str(ds.SeriesInstanceUID)
-        except Exception:  # a damaged slice: the reader reports it
-            continue
-        return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:12]
-    return None
-
-
-def _sha256_file(path: Path, digest: Any = None) -> str:
-    h = digest if digest is not None else hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return str(h.hexdigest())
-
-
-def _source_files(inp: IngestInput) -> list[Path]:
-    """The files whose bytes make up ``inp``: the file (plus a MetaImage's data file), or the series files."""
-    if inp.kind == "dicom":
-        return sorted(inp.files)
-    path = Path(inp.source)
-    files = [path]
-    if path.name.endswith(".mhd"):
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            return files
-        m = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text, re.MULTILINE)
-        if m and m.group(1) not in ("LOCAL", "LIST") and (path.parent / m.group(1)).is_file():
-            files.append(path.parent / m.group(1))
-    return files
-
-
 def _source_sha256(inp: IngestInput) -> str:
-    """sha256 of the source bytes; for several files, of each file's name and sha256 in sorted order."""
-    files = _source_files(inp)
-    if inp.kind != "dicom" and len(files) == 1:
-        return _sha256_file(files[0])
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode("utf-8", "surrogateescape") + b"\0" + _sha256_file(f).encode("ascii") + b"\n")
-    return h.hexdigest()
+    """sha256 of the source: of the series' files for DICOM, else of the input's files (see
+    :mod:`volcnn.io.input_hash`), the same hash ``volcnn infer`` records for the same scan."""
+    return sha256_files(inp.files if inp.kind == "dicom" else input_files(inp.source))
 
 
 def _read(inp: IngestInput) -> Volume:
-    if inp.kind == "dicom" and load_dicom_files is not None and inp.files:
+    if inp.kind == "dicom" and inp.files:
         return load_dicom_files(inp.files, inp.source)
     return load_volume(inp.source)
 
@@ -320,9 +243,10 @@ def ingest(
 
     Each manifest entry holds ``output`` (relative to ``out_dir``), ``source`` (the path, never header
     fields), ``sha256`` (of the output), ``source_sha256`` (of the source bytes; for several files, of their
-    names and hashes in sorted order), ``shape``, ``spacing`` (mm, rounded to 1e-4), ``orientation`` (nibabel
-    axis codes), ``n_slices``, ``dtype``, ``kind``, ``checks_passed``, ``warnings`` and, for DICOM,
-    ``series_uid_hash`` (12 hex chars of the SeriesInstanceUID's sha256; never the UID itself).
+    names and hashes in name order, as :func:`volcnn.io.input_hash.input_sha256`), ``shape``, ``spacing`` (mm,
+    rounded to 1e-4), ``orientation`` (nibabel axis codes), ``n_slices``, ``dtype``, ``kind``,
+    ``checks_passed``, ``warnings`` and, for DICOM, ``series_uid_hash`` (12 hex chars of the SeriesInstanceUID's
+    sha256; never the UID itself).
 
     Failures do not stop the run. ``manifest.json`` and ``failures.json`` are rewritten atomically after each
     input. An input whose source path and source hash are already in the manifest, with its output present
@@ -393,14 +317,12 @@ def _ingest_one(inp: IngestInput, out: Path, manifest: list[dict[str, Any]]) -> 
     import nibabel as nib
 
     uid_hash = inp.uid_hash
-    if inp.kind == "dicom" and uid_hash is None:
-        uid_hash = _series_uid_hash(inp.files)
     source_sha = _source_sha256(inp)
     key = (inp.source, uid_hash if inp.kind == "dicom" else None)
     previous = next((e for e in manifest if _key(e) == key), None)
     if previous is not None and previous.get("source_sha256") == source_sha:
         done = out / str(previous["output"])
-        if done.is_file() and _sha256_file(done) == previous.get("sha256"):
+        if done.is_file() and sha256_file(done) == previous.get("sha256"):
             logger.info("skipped %s: already converted to %s", inp.source, done)
             return previous, True
 
@@ -413,7 +335,7 @@ def _ingest_one(inp: IngestInput, out: Path, manifest: list[dict[str, Any]]) -> 
         output = str(previous["output"])
     else:
         taken = {str(e["output"]).lower() for e in manifest}  # case-insensitive file systems too
-        base = _sanitise(inp.name)
+        base = safe_name(inp.name, "volume")
         output, n = f"{base}.nii.gz", 1
         while output.lower() in taken:
             n += 1
@@ -428,7 +350,7 @@ def _ingest_one(inp: IngestInput, out: Path, manifest: list[dict[str, Any]]) -> 
     entry: dict[str, Any] = {
         "output": output,
         "source": inp.source,
-        "sha256": _sha256_file(dest),
+        "sha256": sha256_file(dest),
         "source_sha256": source_sha,
         "shape": [int(s) for s in array.shape],
         "spacing": [round(float(s), 4) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],

@@ -15,9 +15,11 @@ from monai.data import ImageReader
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from volcnn.io.volume import Volume, is_volume_path, load_volume, xyz_float32
+from volcnn.io.layout import xyz_float32
+from volcnn.io.types import Volume
+from volcnn.io.volume import is_volume_path, load_volume
 
-__all__ = ["VolcnnReader", "LoadVolumed"]
+__all__ = ["LoadVolumed", "PreloadedReader", "VolcnnReader"]
 
 
 class VolcnnReader(ImageReader):
@@ -50,6 +52,21 @@ class VolcnnReader(ImageReader):
         # C-ordered float32 already when read by load_volume; MONAI would otherwise make it contiguous with
         # np.ascontiguousarray, a whole-volume strided copy several times slower than xyz_float32's blocks
         return xyz_float32(vol.array), meta
+
+
+class PreloadedReader(VolcnnReader):
+    """A :class:`VolcnnReader` that hands out a volume already in memory instead of reading the file again.
+
+    Pass it to :meth:`LoadVolumed.__call__` (``load(data, reader=PreloadedReader(volume))``) to run a chain on a
+    volume the caller has loaded (and checked) already.
+    """
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__()
+        self.volume = volume
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Volume:
+        return self.volume
 
 
 class LoadVolumed(LoadImaged):

@@ -7,7 +7,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from volcnn.io.atomic import atomic_path
+from volcnn.core.atomic import atomic_path
 
 __all__ = ["write_nifti"]
 

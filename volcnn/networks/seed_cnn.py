@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from volcnn.networks.families import Family, TrunkHead, register_family
 from volcnn.networks.registry import register_network
 
 __all__ = ["SeedCNN3d"]
@@ -72,3 +73,15 @@ def _seed_cnn3d(
     in_channels: int, num_classes: int, spatial_size: tuple[int, ...] | None, **kwargs: object
 ) -> nn.Module:
     return SeedCNN3d(in_channels, num_classes, spatial_size or (32, 32, 32), **kwargs)  # type: ignore[arg-type]
+
+
+def _seed_split(net: nn.Module) -> TrunkHead:
+    """``features`` as the trunk; the dense layer over the flattened feature grid, then the rest, as the head."""
+    flat, first, *rest = list(net.classifier)
+    if not isinstance(flat, nn.Flatten) or not isinstance(first, nn.Linear):
+        raise ValueError(f"{type(net).__name__}: expected flatten then linear in its classifier")
+    return TrunkHead(net.features, first, pooled=False, rest=nn.Sequential(*rest), input_size=net.spatial_size)
+
+
+# ``features.4`` is the ReLU after the last convolution (a 16^3 grid at 32^3), ``features.1`` the first one's
+register_family(SeedCNN3d, Family("seed_cnn", _seed_split, ("features.4", "features.1")))

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from volcnn.networks.families import Family, pooled_sequential_split, register_family
 from volcnn.networks.registry import register_network
 
 __all__ = ["ValidCNN3d"]
@@ -85,3 +86,7 @@ def _valid_cnn3d(
     in_channels: int, num_classes: int, spatial_size: tuple[int, ...] | None, **kwargs: object
 ) -> nn.Module:
     return ValidCNN3d(in_channels, num_classes, spatial_size, **kwargs)  # type: ignore[arg-type]
+
+
+# its Grad-CAM candidates are its convolutions, last first (no family list needed)
+register_family(ValidCNN3d, Family("valid_cnn", pooled_sequential_split))

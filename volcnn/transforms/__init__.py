@@ -1,31 +1,35 @@
-"""CT transforms (HU window, world-coordinate patch crop, volume fit), the standard chains and the batched on-device
-augmentation."""
+"""CT transforms (HU window, resampling, world-coordinate patch crop, volume fit), the standard chains, the
+preprocessing of a loaded volume, and the batched on-device augmentation."""
 
 from __future__ import annotations
 
+from volcnn.core.geometry import voxel_to_world, world_to_voxel
 from volcnn.transforms.batch_augment import AugmentParams, BatchRandAugment
 from volcnn.transforms.chains import augmentation_transforms, deterministic_transforms, validation_transforms
 from volcnn.transforms.crop import CropOrFitd, FitVolume, WorldPatchCrop
-from volcnn.transforms.geometry import voxel_to_world, world_to_voxel
 from volcnn.transforms.intensity import HUWindow, HUWindowd
-from volcnn.transforms.resample import ResampleToSpacing, ResampleToSpacingd
-from volcnn.transforms.volume_cache import PreprocessVolumed, volume_transforms
+from volcnn.transforms.resample import ResampleToSpacing, ResampleToSpacingd, resample_linear, resample_to_grid
+from volcnn.transforms.volume_cache import PreprocessVolumed, preprocess_loaded, preprocess_volume, volume_transforms
 
 __all__ = [
     "AugmentParams",
     "BatchRandAugment",
-    "augmentation_transforms",
-    "deterministic_transforms",
-    "validation_transforms",
     "CropOrFitd",
     "FitVolume",
-    "WorldPatchCrop",
-    "voxel_to_world",
-    "world_to_voxel",
     "HUWindow",
     "HUWindowd",
     "PreprocessVolumed",
     "ResampleToSpacing",
     "ResampleToSpacingd",
+    "WorldPatchCrop",
+    "augmentation_transforms",
+    "deterministic_transforms",
+    "preprocess_loaded",
+    "preprocess_volume",
+    "resample_linear",
+    "resample_to_grid",
+    "validation_transforms",
     "volume_transforms",
+    "voxel_to_world",
+    "world_to_voxel",
 ]

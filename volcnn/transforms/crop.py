@@ -17,7 +17,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from volcnn.transforms.geometry import as_affine, scale_affine, translate, world_to_voxel
+from volcnn.core.geometry import as_affine, scale_affine, translate, world_to_voxel
 
 __all__ = ["WorldPatchCrop", "FitVolume", "CropOrFitd"]
 

@@ -46,7 +46,16 @@ from monai.transforms import InvertibleTransform, MapTransform
 from monai.transforms.inverse import TraceableTransform
 from monai.utils import TraceKeys, TransformBackends, convert_to_tensor
 
-__all__ = ["SpacingGeometry", "spacing_geometry", "resample_linear", "ResampleToSpacing", "ResampleToSpacingd"]
+from volcnn.core.geometry import as_affine
+
+__all__ = [
+    "ResampleToSpacing",
+    "ResampleToSpacingd",
+    "SpacingGeometry",
+    "resample_linear",
+    "resample_to_grid",
+    "spacing_geometry",
+]
 
 #: output voxels interpolated per slab (1 MiB of float32): the working set besides the input and the output is a
 #: few times this per worker thread, small enough to stay in cache
@@ -377,6 +386,37 @@ def resample_linear(
             for _ in pool.map(run, starts):
                 pass
     return out.permute(back)
+
+
+def resample_to_grid(
+    values: np.ndarray | torch.Tensor,
+    values_affine: np.ndarray,
+    out_shape: Sequence[int],
+    out_affine: np.ndarray,
+    slab_voxels: int = DEFAULT_SLAB_VOXELS,
+) -> np.ndarray:
+    """Trilinear resampling of a 3D map onto another voxel grid, through world coordinates (:func:`resample_linear`).
+
+    For every output voxel ``j``: ``world = out_affine @ j``, and the value is the map interpolated trilinearly at
+    continuous index ``inv(values_affine) @ world``, clamped to the map's grid at its border. Works for any pair of
+    affines (LPS, RAS, permuted, oblique, a heat map's coarse grid).
+
+    Args:
+        values: ``(nx, ny, nz)`` values (a heat map, a saliency patch).
+        values_affine: ``(4, 4)`` index of ``values`` -> world mm.
+        out_shape: output ``(X, Y, Z)``.
+        out_affine: ``(4, 4)`` output index -> world mm.
+        slab_voxels: output voxels per slab (bounds the working memory).
+
+    Returns:
+        float32 ``out_shape``.
+    """
+    v = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if v.ndim != 3:
+        raise ValueError(f"expected a 3D map, got shape {tuple(v.shape)}")
+    xform = np.linalg.solve(as_affine(values_affine), as_affine(out_affine))
+    out = resample_linear(v[None], xform, [int(s) for s in out_shape], slab_voxels=slab_voxels)
+    return out[0].numpy()
 
 
 class ResampleToSpacing(InvertibleTransform):

@@ -14,6 +14,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -21,11 +22,12 @@ from monai.transforms import (
     Orientationd,
 )
 
-from volcnn.io.reader import LoadVolumed
+from volcnn.io.reader import LoadVolumed, PreloadedReader
+from volcnn.io.types import Volume
 from volcnn.transforms.intensity import HUWindowd
 from volcnn.transforms.resample import ResampleToSpacingd
 
-__all__ = ["volume_transforms", "PreprocessVolumed"]
+__all__ = ["PreprocessVolumed", "preprocess_loaded", "preprocess_volume", "volume_transforms"]
 
 
 def volume_transforms(
@@ -48,6 +50,35 @@ def volume_transforms(
             HUWindowd(keys, hu_window),
         ]
     )
+
+
+def preprocess_loaded(chain: Compose, volume: Volume | list[Volume]) -> MetaTensor:
+    """Run a :func:`volume_transforms` chain (key ``"image"``) on a volume already loaded, without reading it again.
+
+    ``volume`` may be handed over in a one-item list, which is emptied once the chain's loader has the volume, so
+    that the caller's reference does not keep the full-resolution array alive while it is resampled.
+
+    Returns:
+        MetaTensor ``(1, X, Y, Z)`` in RAS at the chain's ``pixdim``, windowed to [0, 1], with its affine.
+
+    Raises:
+        TypeError: ``chain`` does not start with :class:`~volcnn.io.reader.LoadVolumed`.
+    """
+    load = chain.transforms[0]
+    if not isinstance(load, LoadVolumed):
+        raise TypeError(f"expected a chain starting with LoadVolumed, got {type(load).__name__}")
+    vol = volume.pop() if isinstance(volume, list) else volume
+    data = load({"image": vol.path}, reader=PreloadedReader(vol))
+    del vol
+    image = chain(data, start=1)["image"]
+    if not isinstance(image, MetaTensor):
+        raise TypeError(f"preprocessing gave {type(image).__name__}, expected a MetaTensor")
+    return image
+
+
+def preprocess_volume(volume: Volume, pixdim: Sequence[float], hu_window: Sequence[float]) -> MetaTensor:
+    """The training / inference chain (:func:`volume_transforms`) on a loaded volume; see :func:`preprocess_loaded`."""
+    return preprocess_loaded(volume_transforms("image", pixdim, hu_window), volume)
 
 
 class PreprocessVolumed(MapTransform):

@@ -1,0 +1,48 @@
+"""Model I/O in one place: weights (weights-only loading, model identity), a bundle's network and description,
+and exported models (TorchScript, ONNX) with the settings embedded in them."""
+
+from __future__ import annotations
+
+from volcnn.models.bundle_config import (
+    CONFIG_FILE,
+    META_FILE,
+    bundle_overrides,
+    bundle_parser,
+    describe_bundle,
+    load_bundle_network,
+    parser_from,
+)
+from volcnn.models.exported import (
+    EXPORTED_SUFFIXES,
+    METADATA_KEY,
+    ExportedModel,
+    ExportedModelError,
+    OnnxModel,
+    TorchScriptModel,
+    load_exported,
+    read_description,
+)
+from volcnn.models.weights import WEIGHT_KEYS, load_weights, model_info, read_state_dict, weights_key
+
+__all__ = [
+    "CONFIG_FILE",
+    "EXPORTED_SUFFIXES",
+    "META_FILE",
+    "METADATA_KEY",
+    "WEIGHT_KEYS",
+    "ExportedModel",
+    "ExportedModelError",
+    "OnnxModel",
+    "TorchScriptModel",
+    "bundle_overrides",
+    "bundle_parser",
+    "describe_bundle",
+    "load_bundle_network",
+    "load_exported",
+    "load_weights",
+    "model_info",
+    "parser_from",
+    "read_description",
+    "read_state_dict",
+    "weights_key",
+]

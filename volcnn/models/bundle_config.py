@@ -1,0 +1,162 @@
+"""A MONAI bundle's configs read for its model: the parser, the network with its trained weights, and the
+description of the settings needed to run it without the bundle.
+
+Every place that opens a bundle to get at its network (``volcnn infer``, ``volcnn export``, the offline check,
+a ``.pt`` loaded by :func:`~volcnn.models.load_exported`) parses it here, with ``bundle_root`` made absolute so
+that the config's paths resolve from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from volcnn.models.weights import load_weights
+
+__all__ = [
+    "CONFIG_FILE",
+    "DESCRIPTION_VERSION",
+    "META_FILE",
+    "bundle_overrides",
+    "bundle_parser",
+    "describe_bundle",
+    "load_bundle_network",
+    "parser_from",
+]
+
+#: the bundle configs that define the model for inference, and its metadata (under ``configs/``)
+CONFIG_FILE, META_FILE = "inference.json", "metadata.json"
+#: version of the description's layout
+DESCRIPTION_VERSION = 1
+
+
+def bundle_overrides(bundle_dir: str | os.PathLike[str], device: str | torch.device | None = None) -> dict[str, str]:
+    """Config overrides that pin a bundle: ``bundle_root`` made absolute and, when given, ``device`` (as a
+    ``$torch.device(...)`` expression, since configs use it as a device)."""
+    overrides = {"bundle_root": str(Path(bundle_dir).resolve())}
+    if device is not None:
+        overrides["device"] = f"$torch.device({str(device)!r})"
+    return overrides
+
+
+def parser_from(config: Mapping[str, Any], meta: Mapping[str, Any], bundle_root: str | None = None) -> Any:
+    """A ``monai.bundle.ConfigParser`` of a config and metadata given as dicts (e.g. embedded in an exported file)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(dict(config))
+    parser.read_meta(dict(meta))
+    if bundle_root is not None:
+        parser["bundle_root"] = bundle_root
+    return parser
+
+
+def bundle_parser(
+    bundle_dir: str | os.PathLike[str],
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """A ``monai.bundle.ConfigParser`` of a bundle's config (default ``configs/inference.json``) and metadata.
+
+    Args:
+        bundle_dir: the bundle root.
+        config_file: the config to read; default ``configs/inference.json``.
+        device: pins the config's ``device`` (see :func:`bundle_overrides`).
+        overrides: config ids to replace afterwards (``{"stride_mm": 8.0}``), as on the ``monai.bundle`` command
+            line.
+
+    Raises:
+        FileNotFoundError: naming the config when it is missing.
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_dir)
+    config = root / "configs" / CONFIG_FILE if config_file is None else Path(config_file)
+    meta = root / "configs" / META_FILE
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: bundle config not found")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(meta) if meta.is_file() else {})
+    parser.update(bundle_overrides(root, device))
+    if overrides:
+        parser.update(dict(overrides))
+    return parser
+
+
+def describe_bundle(parser: Any) -> dict[str, Any]:
+    """The model description of a bundle: the settings needed to run its network without the bundle.
+
+    Args:
+        parser: a ``monai.bundle.ConfigParser`` holding the inference config and the metadata (``_meta_``).
+
+    Returns:
+        ``{"description_version", "patch_size", "pixdim", "hu_window", "in_channels", "num_classes",
+        "class_names", "network_def", "bundle_name", "bundle_version", "output"}`` (plain JSON types).
+
+    Raises:
+        KeyError: when the config has no ``patch_size``.
+    """
+
+    def get(key: str, default: Any = None) -> Any:
+        return parser.get_parsed_content(key, default=default)
+
+    meta = parser.get("_meta_", {}) or {}  # raw: metadata holds text, not config expressions
+    fmt = meta.get("network_data_format", {})
+    image = fmt.get("inputs", {}).get("image", {})
+    pred = fmt.get("outputs", {}).get("pred", {})
+    num_classes = int(get("num_classes", pred.get("num_channels", 2)))
+    channel_def = pred.get("channel_def", {})
+    names = [str(channel_def.get(str(i), i)) for i in range(num_classes)]
+    network_def = get("network_def")
+    return {
+        "description_version": DESCRIPTION_VERSION,
+        "patch_size": [int(p) for p in parser.get_parsed_content("patch_size")],
+        "pixdim": [float(p) for p in get("pixdim", [1.0, 1.0, 1.0])],
+        "hu_window": [float(w) for w in get("hu_window", [-1000.0, 400.0])],
+        "in_channels": int(image.get("num_channels", 1)),
+        "num_classes": num_classes,
+        "class_names": names,
+        "network_def": network_def if isinstance(network_def, str) else None,
+        "bundle_name": meta.get("name"),
+        "bundle_version": meta.get("version"),
+        "output": "logits",
+    }
+
+
+def load_bundle_network(
+    bundle_dir: str | os.PathLike[str],
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    net_id: str = "network",
+) -> tuple[nn.Module, dict[str, Any], Any]:
+    """The bundle's network (config id ``net_id`` of ``configs/inference.json``) with trained weights loaded.
+
+    Args:
+        bundle_dir: the bundle root.
+        weights: the state dict; default ``models/model.pt``.
+        device: where the network is built and the weights are loaded.
+        net_id: config id of the instantiated network.
+
+    Returns:
+        ``(network, description, parser)``: the network in eval mode, :func:`describe_bundle`'s description,
+        and the parser (for the caller's other config ids).
+
+    Raises:
+        FileNotFoundError: naming the missing config or weights.
+        RuntimeError: the weights do not fit the network.
+    """
+    root = Path(bundle_dir).resolve()
+    parser = bundle_parser(root, device=device)
+    path = root / "models" / "model.pt" if weights is None else Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model weights not found; train the bundle or copy its state dict there")
+    network = load_weights(parser.get_parsed_content(net_id, instantiate=True), path, device)
+    return network.to(device), describe_bundle(parser), parser
