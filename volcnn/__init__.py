@@ -1,7 +1,7 @@
 """volcnn: a MONAI pipeline for 3D CT classification.
 
 Importing the package has no side effects. Its subpackages follow the stages of the pipeline (see
-``docs/ARCHITECTURE.md``): ``core`` (errors, options, hashing, atomic writes, geometry), ``io`` (reading and
+``ARCHITECTURE.md``): ``core`` (errors, options, hashing, atomic writes, geometry), ``io`` (reading and
 writing volumes, datalists), ``transforms``, ``networks``, ``models`` (weights, bundles, exported files), ``data``
 (synthetic cohort, caching, loading), ``explain``, ``inference``, ``evaluation``, ``engines`` (training), ``bundle``
 (packaging and offline checks) and ``commands`` (the ``volcnn`` command). Each is loaded on first attribute access,

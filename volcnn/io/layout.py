@@ -5,7 +5,7 @@ MONAI and torch take a C-contiguous ``(X, Y, Z)`` array without a copy. numpy's 
 (``np.ascontiguousarray`` of the transposed volume) writes every element to another cache line and page; the
 copies here work tile by tile or plane by plane so that writes stay in cache, spread over :data:`COPY_THREADS`
 threads (numpy releases the GIL while it copies). ``pipelines/bench_preprocess.py`` measures the reader that
-uses them against SimpleITK; the figures are in ``docs/PERFORMANCE.md``.
+uses them against SimpleITK; the figures are in ``pipelines/PERFORMANCE.md``.
 """
 
 from __future__ import annotations

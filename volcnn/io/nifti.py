@@ -5,7 +5,7 @@ nibabel's affine, but reads the file once, :data:`BLOCK_SLICES` slices at a time
 zlib directly (or SimpleITK's faster inflater, checked against the gzip CRC) while other threads transpose the
 previous block into the output (:mod:`volcnn.io.layout`). A truncated or corrupted file is an error naming the
 file, never zeros. Why each piece exists is measured by ``pipelines/bench_preprocess.py``
-(``docs/PERFORMANCE.md``).
+(``pipelines/PERFORMANCE.md``).
 """
 
 from __future__ import annotations
