@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -81,3 +82,38 @@ def test_ingest_and_datalist_commands_end_to_end(tmp_path):
     assert main(["datalist", "check", str(dl), "--dataset-dir", str(out)]) == 0
     (out / "case_001.nii.gz").unlink()
     assert main(["datalist", "check", str(dl), "--dataset-dir", str(out)]) == 1
+
+
+def test_exit_codes_agree_across_commands(tmp_path, caplog):
+    """2 means bad usage everywhere (a path that does not exist, an invalid option), 1 an input that cannot be used.
+    Before, a missing bundle was 2 for infer but 1 for export, and datalist mixed them."""
+    missing = str(tmp_path / "nowhere")
+    caplog.set_level(logging.ERROR)
+    assert main(["export", "--bundle", missing]) == 2
+    assert main(["export", "--bundle", str(tmp_path), "--formats", "pt"]) == 2
+    assert main(["verify-bundle", missing]) == 2
+    assert main(["verify-bundle", str(tmp_path)]) == 2  # a folder without configs/
+    assert main(["datalist", "check", missing]) == 2
+    assert main(["datalist", "from-csv", missing, "--out", str(tmp_path / "dl.json")]) == 2
+    csv = tmp_path / "images.csv"
+    csv.write_text("image,label\na.nii.gz,notanumber\n")
+    assert main(["datalist", "from-csv", str(csv), "--out", str(tmp_path / "dl.json"), "--val-fraction", "1.5"]) == 2
+    assert main(["datalist", "from-csv", str(csv), "--out", str(tmp_path / "dl.json")]) == 1  # bad content
+    assert "images.csv" in caplog.text and "line 2" in caplog.text
+    assert main(["evaluate-findings", missing, "--annotations", str(csv)]) == 2
+    assert missing in caplog.text
+
+
+def test_unexpected_errors_are_one_line_with_exit_1(monkeypatch, caplog, capsys):
+    import volcnn.commands.networks
+
+    def boom(args):
+        raise RuntimeError("deep inside a library")
+
+    monkeypatch.setattr(volcnn.commands.networks, "run", boom)
+    caplog.set_level(logging.DEBUG)
+    assert main(["networks"]) == 1
+    assert "volcnn networks failed: RuntimeError: deep inside a library" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert main(["-v", "networks"]) == 1
+    assert "Traceback" in caplog.text

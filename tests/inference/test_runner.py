@@ -22,7 +22,6 @@ from volcnn.commands.infer import infer
 from volcnn.core.errors import VolcnnError
 from volcnn.inference import InferenceRunner, load_bundle_runner
 from volcnn.io import write_nifti
-from volcnn.io.sources import case_name
 from volcnn.networks import create_network
 from volcnn.transforms import voxel_to_world
 
@@ -161,13 +160,6 @@ def test_batch_goes_on_past_bad_inputs(batch):
     assert [p["case"] for p in result["processed"]] == ["ras", "lps", "permuted", "oblique", "ras-2"]
     assert result["skipped"] == []
     assert (out / "ras-2" / "heatmap.nii.gz").exists()  # same name from another folder: not overwritten
-
-
-def test_case_names():
-    assert case_name("/data/a/ct_001.nii.gz") == "ct_001"
-    assert case_name("scan.v2.nii") == "scan.v2"
-    assert case_name("/data/dicom/series 7/") == "series_7"
-    assert case_name("..") not in ("", ".", "..")
 
 
 def _scan(folder: Path, name: str = "ras") -> Path:
@@ -330,20 +322,6 @@ def test_monai_bundle_run_over_the_datalist_test_section(bundle, tmp_path):
     assert json.loads((out / "a" / "findings.json").read_text())["model"]["name"] == "Lung nodule CT classification"
 
 
-def test_metaimage_case_name_and_hash_cover_the_data_file(tmp_path):
-    import SimpleITK as sitk
-
-    from volcnn.io.input_hash import input_sha256
-
-    img = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16))
-    sitk.WriteImage(img, str(tmp_path / "1.3.6.1.4.mhd"))
-    assert case_name(tmp_path / "1.3.6.1.4.mhd") == "1.3.6.1.4"
-    before = input_sha256(tmp_path / "1.3.6.1.4.mhd")
-    raw = tmp_path / "1.3.6.1.4.raw"
-    raw.write_bytes(b"\x01" + raw.read_bytes()[1:])
-    assert input_sha256(tmp_path / "1.3.6.1.4.mhd") != before
-
-
 def test_interrupted_batch_resumes_and_retries_failures(bundle, tmp_path, caplog):
     """Two good inputs and a bad one; the first run stops after the bad one (an interruption). The re-run skips the
     finished case (its files untouched), retries the bad one, does the rest; a third run only retries."""
@@ -418,3 +396,34 @@ def test_infer_main_runs_an_exported_model_alone(bundle, tmp_path):
     assert infer_main(configured, tmp_path / "x", [str(scan)], model=paths["onnx"]) == 2  # both given
     assert infer_main(None, tmp_path / "y", [str(scan)], model=paths["onnx"], heatmap_method="dense") == 2
     assert not (tmp_path / "y").exists()
+
+
+def test_input_hash_agrees_with_ingest(tmp_path):
+    """The same scan gets one sha256: ``input_sha256`` in findings.json equals ``source_sha256`` in ingest's manifest,
+    for a NIfTI file, a MetaImage header with its data file, and a DICOM series folder (with a stray non-DICOM file
+    beside the slices). Before, inference hashed every file's bytes joined and ingest each file's name and hash."""
+    import SimpleITK as sitk
+
+    from volcnn.data import write_dicom_series
+    from volcnn.io.ingest import ingest
+
+    shape, aff = GEOMETRIES["ras"]
+    scan = nodule_scan(shape, aff)
+    src = tmp_path / "src"
+    write_nifti(src / "nifti_case.nii.gz", scan, aff)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(scan.transpose(2, 1, 0)))  # (Z, Y, X)
+    image.SetSpacing([float(s) for s in np.sqrt((aff[:3, :3] ** 2).sum(axis=0))])
+    sitk.WriteImage(image, str(src / "meta_case.mhd"))
+    series = src / "dicom_case"
+    write_dicom_series(scan.astype(np.int16), aff, series, uid_entropy=["hash-test"], patient_id="SYNTH-0")
+    (series / "README.txt").write_text("not a slice")
+    inputs = [src / "nifti_case.nii.gz", src / "meta_case.mhd", series]
+
+    manifest = {Path(e["source"]).name: e["source_sha256"] for e in ingest([src], tmp_path / "ingested").converted}
+    out = tmp_path / "out"
+    result = _runner(BlobNet(PATCH), stride_mm=8.0).run([str(p) for p in inputs], out)
+    assert result["failures"] == []
+    for path, case in zip(inputs, ["nifti_case", "meta_case", "dicom_case"], strict=True):
+        digest = json.loads((out / case / "findings.json").read_text())["input_sha256"]
+        assert digest == manifest[path.name], case
+    assert manifest["nifti_case.nii.gz"] == _sha256(src / "nifti_case.nii.gz")  # one file: its own sha256
