@@ -124,3 +124,17 @@ def test_bare_import_reaches_every_subpackage():
     imported volcnn.explain first)."""
     loaded = _loaded_after("import volcnn; volcnn.explain.EXPLAIN_METHODS; volcnn.models.load_weights")
     assert {"volcnn.explain", "volcnn.models"} <= loaded
+
+
+def test_the_command_line_parser_loads_no_torch():
+    """``volcnn --help`` and argument errors answer at once: building the parser imports neither torch nor MONAI."""
+    code = "import sys, volcnn.cli; volcnn.cli.build_parser(); print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_core_names_resolve_lazily():
+    import volcnn.core as core
+
+    assert sorted(core.__all__) == sorted(core._MODULE_OF)
+    assert all(getattr(core, name) is not None for name in core.__all__)
