@@ -8,10 +8,10 @@ only). Each configuration runs in a fresh process with empty Inductor/Triton cac
 compile time are its own. On a shared machine, ``--interleave`` times the variants of one network, patch and
 precision in one process, their steps in turn, so other load falls on all of them alike::
 
-    python pipelines/bench_compute.py                      # CPU: valid_cnn3d,resnet10 at 32^3, fp32/bf16, 3 variants
-    python pipelines/bench_compute.py --interleave --steps 12
-    python pipelines/bench_compute.py --device cuda        # densenet121,resnet18 at 64^3,96^3, bf16/fp32
-    python pipelines/bench_compute.py --networks resnet10 --variants eager,compile --steps 10 --out compute.json
+    python -m pipelines.bench_compute                      # CPU: valid_cnn3d,resnet10 at 32^3, fp32/bf16, 3 variants
+    python -m pipelines.bench_compute --interleave --steps 12
+    python -m pipelines.bench_compute --device cuda        # densenet121,resnet18 at 64^3,96^3, bf16/fp32
+    python -m pipelines.bench_compute --networks resnet10 --variants eager,compile --steps 10 --out compute.json
 
 FLOPs are model FLOPs (convolutions and matrix products, 2 per multiply-add) counted once per network and patch by
 ``torch.utils.flop_counter.FlopCounterMode`` on the meta device: batch norm, activations, pooling and the optimiser
@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -42,14 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from volcnn.networks import create_network  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_preprocess import memory_mb  # noqa: E402
+from pipelines.bench_preprocess import memory_mb
+from pipelines.common import REPO, child_env, module_command
+from volcnn.networks import create_network
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 VARIANTS = ("eager", "channels_last", "compile")
@@ -515,11 +509,10 @@ def _child(config: dict[str, Any], timeout_s: float, cold_compile_cache: bool = 
     is a first compile on this machine, not a cache hit from an earlier run (tens of seconds vs a few on CPU).
     """
     variants = config.get("variants") or [config["variant"]]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
+    cmd = module_command("bench_compute", "--child", json.dumps(config))
     with tempfile.TemporaryDirectory(prefix="bench_compute_") as tmp:
-        env = dict(os.environ)
-        if cold_compile_cache:
-            env.update(TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"), TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
+        caches = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"), "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
+        env = child_env(caches if cold_compile_cache else None)
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO), env=env)
         except subprocess.TimeoutExpired:

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python pipelines/bench_preprocess.py [--volume CT.nii.gz] [--repeats 3] [--out bench_preprocess.json]
+    python -m pipelines.bench_preprocess [--volume CT.nii.gz] [--repeats 3] [--out bench_preprocess.json]
 
 Without ``--volume`` one ``full`` synthetic CT (512x512 slices, int16 ``.nii.gz`` as ``volcnn synth --size full``
-writes it; ``synthesize_cohort(size="full", cases=1, seed=5)``, the case ``pipelines/benchmark.py`` uses) is
+writes it; ``synthesize_cohort(size="full", cases=1, seed=5)``, the case :mod:`pipelines.benchmark` uses) is
 written to a temporary folder first (about 15 s).
 
 The two sides, each producing a float32 volume on a 1 mm grid with HU ``[-1000, 400]`` mapped to ``[0, 1]``:
@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pipelines.common import child_env, module_command
 
 __all__ = ["run", "table", "synthetic_full_ct", "main"]
 
@@ -143,8 +145,8 @@ def _child_sitk(path: str) -> dict[str, Any]:
 
 def _run_child(side: str, path: Path) -> dict[str, Any]:
     """One measurement in a fresh interpreter; its JSON result (the last line of its stdout)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--volume", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    cmd = module_command("bench_preprocess", "--child", side, "--volume", str(path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=child_env())
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip()[-2000:]

@@ -19,12 +19,13 @@ it and validation is off), the samples every rank trained, summed, over the slow
 ``repeats`` runs; the runs of 1 and of P processes alternate, so that other load on a shared machine falls on both
 alike (each run also records the 1-minute load average before and after it)::
 
-    python pipelines/bench_scaling.py                        # CPU: 1 process x 2 threads vs 2 processes x 1 thread
-    python pipelines/bench_scaling.py --repeats 5 --out scaling.json
-    python pipelines/bench_scaling.py --device cuda --network densenet121 --patch 64 --batch 32
+    python -m pipelines.bench_scaling                        # CPU: 1 process x 2 threads vs 2 processes x 1 thread
+    python -m pipelines.bench_scaling --repeats 5 --out scaling.json
+    python -m pipelines.bench_scaling --device cuda --network densenet121 --patch 64 --batch 32
 
 ``ratio`` is samples/s of P processes over that of 1; ``efficiency`` is that over P (1.0 is linear scaling).
-:func:`run` is what ``pipelines/benchmark.py`` calls; ``--worker`` is the entry point each torchrun process runs.
+:func:`run` is what :mod:`pipelines.benchmark` calls; ``--worker`` is the entry point each torchrun process runs
+(``torchrun ... -m pipelines.bench_scaling --worker``).
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_train import EpochClock  # noqa: E402
+from pipelines.bench_train import EpochClock
+from pipelines.common import REPO, child_env
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "lung_nodule_ct_classification" / "configs"
 TRAIN = CONFIGS / "train.json"
 MULTI = CONFIGS / "multi_gpu_train.json"
@@ -136,10 +136,11 @@ def _launch(
     """One measurement: ``torchrun --standalone`` with ``procs`` processes of ``threads`` threads; rank 0's JSON."""
     run_dir.mkdir(parents=True, exist_ok=True)
     result = run_dir / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", __file__,
-           "--worker", "--data", str(data), "--run-dir", str(run_dir), "--result", str(result), "--network", network,
-           "--patch", str(patch), "--margin", str(margin), "--batch", str(batch), "--epochs", str(epochs)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           "-m", "pipelines.bench_scaling", "--worker", "--data", str(data), "--run-dir", str(run_dir),
+           "--result", str(result), "--network", network, "--patch", str(patch), "--margin", str(margin),
+           "--batch", str(batch), "--epochs", str(epochs)]  # fmt: skip
+    env = child_env({"OMP_NUM_THREADS": str(threads), "PYTHONFAULTHANDLER": "1"})
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the overlay picks nccl + cuda:LOCAL_RANK whenever CUDA is visible
     load = _load_avg()

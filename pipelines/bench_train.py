@@ -16,10 +16,10 @@ Per epoch after the first (the first fills the cache), from ``EPOCH_STARTED`` to
 (Ignite's ``GET_BATCH_STARTED`` -> ``GET_BATCH_COMPLETED``) and the share spent in ``prepare_batch`` (moving the
 batch to the device and augmenting it there). Medians over the timed epochs::
 
-    python pipelines/bench_train.py                   # CPU: bundle fp32, bundle bf16, naive fp32
-    python pipelines/bench_train.py --device cuda --network densenet121 --patch 64 --batch 32
+    python -m pipelines.bench_train                   # CPU: bundle fp32, bundle bf16, naive fp32
+    python -m pipelines.bench_train --device cuda --network densenet121 --patch 64 --batch 32
 
-Prints a table and writes JSON (``--out``). :func:`run` is what ``pipelines/benchmark.py`` calls.
+Prints a table and writes JSON (``--out``). :func:`run` is what :mod:`pipelines.benchmark` calls.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_preprocess import memory_mb  # noqa: E402
+from pipelines.bench_preprocess import memory_mb
+from pipelines.common import REPO, child_env, module_command
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "bundles" / "lung_nodule_ct_classification" / "configs" / "train.json"
 
 #: the configurations compared, as (data path, precision)
@@ -192,7 +191,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     util = None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        from bench_compute import gpu_utilisation  # the sibling script (this file runs as a script)
+        from pipelines.bench_compute import gpu_utilisation
 
         with gpu_utilisation() as util:
             wf.run()
@@ -239,12 +238,12 @@ def run(
     results = []
     for path, precision in configs:
         n_epochs = naive_epochs if path == "naive" else epochs
-        cmd = [sys.executable, __file__, "--child", "--path", path, "--precision", precision, "--data", str(data),
-               "--run-dir", str(work / f"{path}_{precision}"), "--device", device, "--network", network,
-               "--patch", str(patch), "--margin", str(margin), "--batch", str(batch), "--epochs", str(n_epochs),
-               "--naive-workers", str(naive_workers)]  # fmt: skip
+        cmd = module_command("bench_train", "--child", "--path", path, "--precision", precision, "--data", str(data),
+                             "--run-dir", str(work / f"{path}_{precision}"), "--device", device, "--network", network,
+                             "--patch", str(patch), "--margin", str(margin), "--batch", str(batch),
+                             "--epochs", str(n_epochs), "--naive-workers", str(naive_workers))  # fmt: skip
         print(f"  training: {path} data path, {precision}, {n_epochs} epochs ...", flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if done.returncode != 0:
             raise RuntimeError(f"training benchmark ({path}, {precision}) failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
