@@ -34,15 +34,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipelines.bench_preprocess import memory_mb
-from pipelines.common import REPO, child_env, module_command
+from pipelines.common import memory_mb, run_child
 from volcnn.networks import create_network
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -164,7 +163,6 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
     Never raises for a missing tool.
     """
     gpu = _gpu_id(device_index)
-    stop = threading.Event()
     try:
         import pynvml  # type: ignore[import-not-found]
 
@@ -177,6 +175,7 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
         handle = None
     if handle is not None:
         samples = UtilisationSamples("pynvml")
+        stop = threading.Event()
 
         def poll() -> None:
             while not stop.is_set():
@@ -185,13 +184,10 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
                     samples.mem_mib.append(pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
                 stop.wait(interval_ms / 1000)
 
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
         try:
-            yield samples
+            with _sampling(samples, poll, stop.set):
+                yield samples
         finally:
-            stop.set()
-            thread.join()
             with contextlib.suppress(Exception):
                 pynvml.nvmlShutdown()
         return
@@ -219,17 +215,29 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
                 samples.util.append(util)
                 samples.mem_mib.append(mem)
 
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    try:
-        yield samples
-    finally:
+    def end() -> None:
         proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    with _sampling(samples, read, end):
+        yield samples
+
+
+@contextlib.contextmanager
+def _sampling(
+    samples: UtilisationSamples, poll: Callable[[], None], stop: Callable[[], None]
+) -> Iterator[UtilisationSamples]:
+    """Run ``poll`` (which appends to ``samples``) in a daemon thread while the block runs; then ``stop`` it."""
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop()
         thread.join(timeout=5)
 
 
@@ -509,20 +517,16 @@ def _child(config: dict[str, Any], timeout_s: float, cold_compile_cache: bool = 
     is a first compile on this machine, not a cache hit from an earlier run (tens of seconds vs a few on CPU).
     """
     variants = config.get("variants") or [config["variant"]]
-    cmd = module_command("bench_compute", "--child", json.dumps(config))
     with tempfile.TemporaryDirectory(prefix="bench_compute_") as tmp:
         caches = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"), "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
-        env = child_env(caches if cold_compile_cache else None)
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO), env=env)
+            out = run_child("bench_compute", ["--child", json.dumps(config)], "compute child", timeout=timeout_s,
+                            env=caches if cold_compile_cache else None)  # fmt: skip
+            return out if isinstance(out, list) else [out]
         except subprocess.TimeoutExpired:
             error = f"timeout after {timeout_s:.0f} s"
-        else:
-            lines = done.stdout.strip().splitlines()
-            if done.returncode == 0 and lines:
-                out = json.loads(lines[-1])
-                return out if isinstance(out, list) else [out]
-            error = f"exit {done.returncode}: {done.stderr.strip()[-2000:]}"
+        except RuntimeError as exc:
+            error = str(exc)
     base = {k: v for k, v in config.items() if k != "variants"}
     return [{**base, "variant": v, "error": error} for v in variants]
 

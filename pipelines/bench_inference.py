@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.bench_preprocess import memory_mb, synthetic_full_ct
-from pipelines.common import child_env, module_command
+from pipelines.bench_preprocess import synthetic_full_ct
+from pipelines.common import memory_mb, run_child
 
 METHODS = ("ours", "ours_nomask", "swi")
 
@@ -180,17 +179,13 @@ def run(
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for i in range(repeats):
         for method in methods:
-            cmd = module_command("bench_inference", "--method", method, "--save", str(work / f"{method}.npz"),
-                                 "--image", image, "--network", network, "--patch", str(patch),
-                                 "--pixdim", str(pixdim), "--stride-mm", str(stride_mm),
-                                 "--batch", str(batch))  # fmt: skip
+            args = ["--method", method, "--save", str(work / f"{method}.npz"), "--image", image, "--network", network,
+                    "--patch", str(patch), "--pixdim", str(pixdim), "--stride-mm", str(stride_mm),
+                    "--batch", str(batch)]  # fmt: skip
             if weights:
-                cmd += ["--weights", weights]
+                args += ["--weights", weights]
             print(f"  inference: {method}, run {i + 1} of {repeats} ...", flush=True)
-            done = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
-            if done.returncode != 0:
-                raise RuntimeError(f"inference benchmark ({method}) failed:\n{done.stderr[-3000:]}")
-            runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[method].append(run_child("bench_inference", args, f"inference benchmark ({method})"))
     results = {}
     for method, rs in runs.items():
         results[method] = {**rs[0], "seconds": statistics.median(r["seconds"] for r in rs),

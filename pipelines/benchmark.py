@@ -145,14 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         weights = None
         cohort = work / "cohort"
         if {"train", "scaling"} & set(sections):
-            from volcnn.data import synthesize_cohort
-
             print(f"synthesising the training cohort ({args.cases} small cases) ...", flush=True)
-            synthesize_cohort(cohort, cases=args.cases, seed=0, size="small", negatives=args.negatives)
+            bench_train.training_cohort(cohort, cases=args.cases, negatives=args.negatives)
         if "train" in sections:
             configs = bench_train.CONFIGS + ((("bundle", "fp16"),) if device == "cuda" else ())
-            train = bench_train.run(cohort, work / "train", device=device, epochs=args.epochs,
-                                    naive_epochs=args.epochs, configs=configs)  # fmt: skip
+            setup = bench_train.TrainSetup(epochs=args.epochs, device=device)
+            train = bench_train.run(cohort, work / "train", setup, naive_epochs=args.epochs, configs=configs)
             report["train"] = train
             for key in ("epoch_speedup_vs_naive", "data_wait_fraction"):
                 report[key] = train.get(key)
@@ -178,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             tables.append("compute:" + text.getvalue().rstrip())
         if "scaling" in sections:
             print("scaling: DDP training, 1 process vs several ...", flush=True)
-            scaling = bench_scaling.run(cohort, work / "scaling", device=device, epochs=args.scaling_epochs,
-                                        repeats=args.repeats)  # fmt: skip
+            setup = bench_train.TrainSetup(batch=8, epochs=args.scaling_epochs, device=device)
+            scaling = bench_scaling.run(cohort, work / "scaling", setup, repeats=args.repeats)
             report["scaling"] = scaling
             for key, value in scaling.items():
                 if key.startswith("ddp_"):

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pipelines import bench_scaling
+from pipelines.bench_train import TrainSetup
 from volcnn.data import synthesize_cohort
 
 BATCH = 4
@@ -25,7 +26,8 @@ def cohort(tmp_path_factory) -> Path:
 @pytest.mark.dist
 def test_two_process_worker_counts_every_rank(cohort, tmp_path):
     """One real measurement: torchrun with 2 gloo processes of 1 thread; rank 0's JSON covers both ranks."""
-    result = bench_scaling._launch(2, 1, cohort, tmp_path / "run", "cpu", "seed_cnn3d", 16, 2, BATCH, 2)
+    setup = TrainSetup(network="seed_cnn3d", patch=16, margin=2, batch=BATCH, epochs=2)
+    result = bench_scaling._launch(2, 1, cohort, tmp_path / "run", setup)
     assert (result["processes"], result["backend"], result["device"]) == (2, "gloo", "cpu")
     assert result["threads_per_process"] == 1
     assert result["exit_code"] == 0

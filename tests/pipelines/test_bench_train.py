@@ -15,8 +15,8 @@ def summary(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_train")
     synthesize_cohort(root / "data", cases=4, seed=3, size="tiny", negatives=6)
     configs = (("bundle", "fp32"), ("naive", "fp32"))
-    return bench_train.run(root / "data", root / "work", patch=32, margin=4, batch=4, epochs=3, naive_epochs=2,
-                           naive_workers=0, configs=configs)  # fmt: skip
+    setup = bench_train.TrainSetup(patch=32, margin=4, batch=4, epochs=3)
+    return bench_train.run(root / "data", root / "work", setup, naive_epochs=2, naive_workers=0, configs=configs)
 
 
 def test_each_path_is_measured_with_its_own_loader(summary):
