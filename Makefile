@@ -20,15 +20,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) pipelines/demo.py --out $(DEMO_OUT)
+	$(PY) -m pipelines.demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check -q volcnn tests tools pipelines
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# the performance benchmark (pipelines/benchmark.py): table on stdout, JSON in $(BENCH_OUT); about 11 min on 2 CPU cores
+# the performance benchmark (python -m pipelines.benchmark): table on stdout, JSON in $(BENCH_OUT); about 11 min on 2 CPU cores
 bench: $(STAMP)
-	$(PY) pipelines/benchmark.py --out $(BENCH_OUT)
+	$(PY) -m pipelines.benchmark --out $(BENCH_OUT)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)

@@ -8,10 +8,10 @@ only). Each configuration runs in a fresh process with empty Inductor/Triton cac
 compile time are its own. On a shared machine, ``--interleave`` times the variants of one network, patch and
 precision in one process, their steps in turn, so other load falls on all of them alike::
 
-    python pipelines/bench_compute.py                      # CPU: valid_cnn3d,resnet10 at 32^3, fp32/bf16, 3 variants
-    python pipelines/bench_compute.py --interleave --steps 12
-    python pipelines/bench_compute.py --device cuda        # densenet121,resnet18 at 64^3,96^3, bf16/fp32
-    python pipelines/bench_compute.py --networks resnet10 --variants eager,compile --steps 10 --out compute.json
+    python -m pipelines.bench_compute                      # CPU: valid_cnn3d,resnet10 at 32^3, fp32/bf16, 3 variants
+    python -m pipelines.bench_compute --interleave --steps 12
+    python -m pipelines.bench_compute --device cuda        # densenet121,resnet18 at 64^3,96^3, bf16/fp32
+    python -m pipelines.bench_compute --networks resnet10 --variants eager,compile --steps 10 --out compute.json
 
 FLOPs are model FLOPs (convolutions and matrix products, 2 per multiply-add) counted once per network and patch by
 ``torch.utils.flop_counter.FlopCounterMode`` on the meta device: batch norm, activations, pooling and the optimiser
@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -35,21 +34,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from volcnn.networks import create_network  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_preprocess import memory_mb  # noqa: E402
+from pipelines.common import memory_mb, run_child
+from volcnn.networks import create_network
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 VARIANTS = ("eager", "channels_last", "compile")
@@ -170,7 +163,6 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
     Never raises for a missing tool.
     """
     gpu = _gpu_id(device_index)
-    stop = threading.Event()
     try:
         import pynvml  # type: ignore[import-not-found]
 
@@ -183,6 +175,7 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
         handle = None
     if handle is not None:
         samples = UtilisationSamples("pynvml")
+        stop = threading.Event()
 
         def poll() -> None:
             while not stop.is_set():
@@ -191,13 +184,10 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
                     samples.mem_mib.append(pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
                 stop.wait(interval_ms / 1000)
 
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
         try:
-            yield samples
+            with _sampling(samples, poll, stop.set):
+                yield samples
         finally:
-            stop.set()
-            thread.join()
             with contextlib.suppress(Exception):
                 pynvml.nvmlShutdown()
         return
@@ -225,17 +215,29 @@ def gpu_utilisation(interval_ms: int = 100, device_index: int | None = None) -> 
                 samples.util.append(util)
                 samples.mem_mib.append(mem)
 
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    try:
-        yield samples
-    finally:
+    def end() -> None:
         proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    with _sampling(samples, read, end):
+        yield samples
+
+
+@contextlib.contextmanager
+def _sampling(
+    samples: UtilisationSamples, poll: Callable[[], None], stop: Callable[[], None]
+) -> Iterator[UtilisationSamples]:
+    """Run ``poll`` (which appends to ``samples``) in a daemon thread while the block runs; then ``stop`` it."""
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop()
         thread.join(timeout=5)
 
 
@@ -515,21 +517,16 @@ def _child(config: dict[str, Any], timeout_s: float, cold_compile_cache: bool = 
     is a first compile on this machine, not a cache hit from an earlier run (tens of seconds vs a few on CPU).
     """
     variants = config.get("variants") or [config["variant"]]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
     with tempfile.TemporaryDirectory(prefix="bench_compute_") as tmp:
-        env = dict(os.environ)
-        if cold_compile_cache:
-            env.update(TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"), TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
+        caches = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"), "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO), env=env)
+            out = run_child("bench_compute", ["--child", json.dumps(config)], "compute child", timeout=timeout_s,
+                            env=caches if cold_compile_cache else None)  # fmt: skip
+            return out if isinstance(out, list) else [out]
         except subprocess.TimeoutExpired:
             error = f"timeout after {timeout_s:.0f} s"
-        else:
-            lines = done.stdout.strip().splitlines()
-            if done.returncode == 0 and lines:
-                out = json.loads(lines[-1])
-                return out if isinstance(out, list) else [out]
-            error = f"exit {done.returncode}: {done.stderr.strip()[-2000:]}"
+        except RuntimeError as exc:
+            error = str(exc)
     base = {k: v for k, v in config.items() if k != "variants"}
     return [{**base, "variant": v, "error": error} for v in variants]
 

@@ -14,7 +14,7 @@ Then, each in a fresh process so that peak RSS is its own:
 Agreement is the largest |p_ours - p_swi| over the window centres both evaluated (inside the body mask, on our
 grid). Printed as a table with the speed-up ratio; ``--out`` writes JSON::
 
-    python pipelines/bench_inference.py [--bundle demo_out/bundle] [--stride-mm 8] [--out results.json]
+    python -m pipelines.bench_inference [--bundle demo_out/bundle] [--stride-mm 8] [--out results.json]
 
 Without ``--bundle`` (a bundle with ``models/model.pt``), a randomly initialised network is timed; agreement is
 then less telling because its probabilities vary little.
@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_preprocess import memory_mb, synthetic_full_ct  # noqa: E402
+from pipelines.bench_preprocess import synthetic_full_ct
+from pipelines.common import memory_mb, run_child
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("ours", "ours_nomask", "swi")
 
 
@@ -181,16 +179,13 @@ def run(
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for i in range(repeats):
         for method in methods:
-            cmd = [sys.executable, __file__, "--method", method, "--save", str(work / f"{method}.npz"),
-                   "--image", image, "--network", network, "--patch", str(patch), "--pixdim", str(pixdim),
-                   "--stride-mm", str(stride_mm), "--batch", str(batch)]  # fmt: skip
+            args = ["--method", method, "--save", str(work / f"{method}.npz"), "--image", image, "--network", network,
+                    "--patch", str(patch), "--pixdim", str(pixdim), "--stride-mm", str(stride_mm),
+                    "--batch", str(batch)]  # fmt: skip
             if weights:
-                cmd += ["--weights", weights]
+                args += ["--weights", weights]
             print(f"  inference: {method}, run {i + 1} of {repeats} ...", flush=True)
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"inference benchmark ({method}) failed:\n{done.stderr[-3000:]}")
-            runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[method].append(run_child("bench_inference", args, f"inference benchmark ({method})"))
     results = {}
     for method, rs in runs.items():
         results[method] = {**rs[0], "seconds": statistics.median(r["seconds"] for r in rs),

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python pipelines/bench_ingest.py [--dicom SERIES_DIR] [--repeats 3] [--out bench_ingest.json]
+    python -m pipelines.bench_ingest [--dicom SERIES_DIR] [--repeats 3] [--out bench_ingest.json]
 
 Without ``--dicom`` a 512x512x~300 synthetic series is generated into a temporary folder
 (``synthesize_cohort(size="full", dicom=True, cases=1)``, about 10 s). Both readers produce float32 HU

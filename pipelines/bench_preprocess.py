@@ -2,10 +2,10 @@
 
 Usage::
 
-    python pipelines/bench_preprocess.py [--volume CT.nii.gz] [--repeats 3] [--out bench_preprocess.json]
+    python -m pipelines.bench_preprocess [--volume CT.nii.gz] [--repeats 3] [--out bench_preprocess.json]
 
 Without ``--volume`` one ``full`` synthetic CT (512x512 slices, int16 ``.nii.gz`` as ``volcnn synth --size full``
-writes it; ``synthesize_cohort(size="full", cases=1, seed=5)``, the case ``pipelines/benchmark.py`` uses) is
+writes it; ``synthesize_cohort(size="full", cases=1, seed=5)``, the case :mod:`pipelines.benchmark` uses) is
 written to a temporary folder first (about 15 s).
 
 The two sides, each producing a float32 volume on a 1 mm grid with HU ``[-1000, 400]`` mapped to ``[0, 1]``:
@@ -35,12 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pipelines.common import memory_mb, run_child
 
 __all__ = ["run", "table", "synthetic_full_ct", "main"]
 
@@ -49,24 +50,6 @@ PIXDIM_MM = 1.0
 SITK_DEFAULT_PIXEL = -1024.0
 #: seconds one child may take before the benchmark gives up on it
 CHILD_TIMEOUT_S = 600
-
-
-def memory_mb() -> tuple[float, float]:
-    """``(current, peak)`` resident set size of this process in MB: ``VmRSS`` and ``VmHWM`` on Linux.
-
-    Not ``ru_maxrss``: Linux carries it over from the parent through fork and exec, so a child started by a large
-    process (the benchmark, after synthesising the CT) would report the parent's size. Elsewhere ``ru_maxrss``
-    stands in for both.
-    """
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-        return mb, mb
 
 
 def _child_ours(path: str) -> dict[str, Any]:
@@ -143,13 +126,8 @@ def _child_sitk(path: str) -> dict[str, Any]:
 
 def _run_child(side: str, path: Path) -> dict[str, Any]:
     """One measurement in a fresh interpreter; its JSON result (the last line of its stdout)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--volume", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise RuntimeError(f"bench_preprocess child '{side}' failed (exit {proc.returncode}): {tail}")
-    return json.loads(lines[-1])
+    args = ["--child", side, "--volume", str(path)]
+    return run_child("bench_preprocess", args, f"bench_preprocess child '{side}'", timeout=CHILD_TIMEOUT_S)
 
 
 def describe_volume(path: Path) -> dict[str, Any]:

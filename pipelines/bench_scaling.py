@@ -19,12 +19,13 @@ it and validation is off), the samples every rank trained, summed, over the slow
 ``repeats`` runs; the runs of 1 and of P processes alternate, so that other load on a shared machine falls on both
 alike (each run also records the 1-minute load average before and after it)::
 
-    python pipelines/bench_scaling.py                        # CPU: 1 process x 2 threads vs 2 processes x 1 thread
-    python pipelines/bench_scaling.py --repeats 5 --out scaling.json
-    python pipelines/bench_scaling.py --device cuda --network densenet121 --patch 64 --batch 32
+    python -m pipelines.bench_scaling                        # CPU: 1 process x 2 threads vs 2 processes x 1 thread
+    python -m pipelines.bench_scaling --repeats 5 --out scaling.json
+    python -m pipelines.bench_scaling --device cuda --network densenet121 --patch 64 --batch 32
 
 ``ratio`` is samples/s of P processes over that of 1; ``efficiency`` is that over P (1.0 is linear scaling).
-:func:`run` is what ``pipelines/benchmark.py`` calls; ``--worker`` is the entry point each torchrun process runs.
+:func:`run` is what :mod:`pipelines.benchmark` calls; ``--worker`` is the entry point each torchrun process runs
+(``torchrun ... -m pipelines.bench_scaling --worker``).
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_train import EpochClock  # noqa: E402
+from pipelines.bench_train import EpochClock, TrainSetup, device_sync, main_on_cohort, medians_after_first
+from pipelines.common import REPO, child_env
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "lung_nodule_ct_classification" / "configs"
 TRAIN = CONFIGS / "train.json"
 MULTI = CONFIGS / "multi_gpu_train.json"
@@ -62,27 +62,16 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(
-        config_file=[str(TRAIN), str(MULTI)], workflow_type=None, run_id="training", dataset_dir=args.data,
-        datalist=str(Path(args.data) / "datalist.json"), output_dir=args.run_dir, network_def=args.network,
-        patch_size=[args.patch] * 3, margin=args.margin, batch_size=args.batch, max_epochs=args.epochs, amp=False,
-        progress=False, seed=0, val_interval=10**6,
-    )  # fmt: skip
-    wf.initialize()  # the overlay's "initialize" joins the process group (gloo, or nccl on CUDA)
+    # initialised: the overlay's "initialize" joins the process group (gloo, or nccl on CUDA) and picks the device
+    wf = TrainSetup.from_args(args).workflow([str(TRAIN), str(MULTI)], args.data, args.run_dir, amp=False)
     trainer = wf.parser.get_parsed_content("train#trainer")
     device = torch.device(wf.parser.get_parsed_content("device"))
     cuda = device.type == "cuda"
     rank, world = dist.get_rank(), dist.get_world_size()
     backend = str(dist.get_backend())
     reduce_on = device if backend == "nccl" else torch.device("cpu")
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    clock = EpochClock(sync)
+    clock = EpochClock(device_sync(device))
     epochs: list[dict[str, float]] = []
 
     def completed(engine) -> None:  # every rank calls the same collectives here, in the same order
@@ -107,7 +96,6 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     clock.attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, completed)
     wf.run()
-    timed = [e for e in epochs if e["epoch"] > 1]
     result: dict[str, Any] = {
         "processes": world,
         "backend": backend,
@@ -117,9 +105,9 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         "global_batch": args.batch * world,
         "epochs": epochs,
         "first_epoch_s": epochs[0]["seconds"] if epochs else None,
-        "samples_per_s": statistics.median(e["samples_per_s"] for e in timed) if timed else None,
-        "epoch_s": statistics.median(e["seconds"] for e in timed) if timed else None,
-        "data_wait_fraction": statistics.median(e["data_wait_fraction"] for e in timed) if timed else None,
+        **medians_after_first(
+            epochs, {"samples_per_s": "samples_per_s", "epoch_s": "seconds", "data_wait_fraction": "data_wait_fraction"}
+        ),
     }
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(device)
@@ -129,18 +117,15 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _launch(
-    procs: int, threads: int, data: Path, run_dir: Path, device: str, network: str, patch: int, margin: int,
-    batch: int, epochs: int,
-) -> dict[str, Any]:  # fmt: skip
+def _launch(procs: int, threads: int, data: Path, run_dir: Path, setup: TrainSetup) -> dict[str, Any]:
     """One measurement: ``torchrun --standalone`` with ``procs`` processes of ``threads`` threads; rank 0's JSON."""
     run_dir.mkdir(parents=True, exist_ok=True)
     result = run_dir / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", __file__,
-           "--worker", "--data", str(data), "--run-dir", str(run_dir), "--result", str(result), "--network", network,
-           "--patch", str(patch), "--margin", str(margin), "--batch", str(batch), "--epochs", str(epochs)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONFAULTHANDLER": "1"}
-    if device == "cpu":
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           "-m", "pipelines.bench_scaling", "--worker", "--result", str(result),
+           *setup.argv(data, run_dir)]  # fmt: skip
+    env = child_env({"OMP_NUM_THREADS": str(threads), "PYTHONFAULTHANDLER": "1"})
+    if setup.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the overlay picks nccl + cuda:LOCAL_RANK whenever CUDA is visible
     load = _load_avg()
     start = time.perf_counter()
@@ -168,18 +153,14 @@ def _load_avg() -> float | None:
 def run(
     data: Path,
     work: Path,
-    device: str = "cpu",
-    network: str = "valid_cnn3d",
-    patch: int = 32,
-    margin: int = 6,
-    batch: int = 8,
-    epochs: int = 4,
+    setup: TrainSetup = TrainSetup(batch=8),
     repeats: int = 3,
     procs: int | None = None,
 ) -> dict[str, Any]:
     """Train on the cohort in ``data`` (a ``volcnn synth`` folder) with 1 and with ``procs`` processes, alternately.
 
     Args:
+        setup: network, patch, margin, batch per process, epochs per run, device (``cpu``: gloo; ``cuda``: nccl).
         procs: processes of the parallel run; default 2 on CPU, every visible GPU on CUDA.
 
     Returns:
@@ -189,6 +170,7 @@ def run(
     """
     import torch
 
+    device = setup.device
     cores = cpu_cores()
     if procs is None:
         procs = max(1, torch.cuda.device_count()) if device == "cuda" else 2
@@ -200,20 +182,12 @@ def run(
     for r in range(repeats):
         for n in counts:  # alternate, so that drifting load on a shared machine hits both counts alike
             print(f"  scaling: {n} process(es) x {threads[n]} thread(s), repeat {r + 1}/{repeats} ...", flush=True)
-            runs[str(n)].append(_launch(n, threads[n], data, work / f"p{n}_r{r}", device, network, patch, margin,
-                                        batch, epochs))  # fmt: skip
+            runs[str(n)].append(_launch(n, threads[n], data, work / f"p{n}_r{r}", setup))
+    config = asdict(setup)
+    config["batch_per_process"] = config.pop("batch")
+    config.update(repeats=repeats, cores=cores, threads_per_process={str(n): threads[n] for n in counts})
     summary: dict[str, Any] = {
-        "config": {
-            "network": network,
-            "patch": patch,
-            "margin": margin,
-            "batch_per_process": batch,
-            "device": device,
-            "epochs": epochs,
-            "repeats": repeats,
-            "cores": cores,
-            "threads_per_process": {str(n): threads[n] for n in counts},
-        },
+        "config": config,
         "runs": runs,
         "ddp_procs": procs,
     }
@@ -253,37 +227,17 @@ def table(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
-    p.add_argument("--network", default="valid_cnn3d")
-    p.add_argument("--patch", type=int, default=32)
-    p.add_argument("--margin", type=int, default=6)
-    p.add_argument("--batch", type=int, default=8, help="batch per process")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not timed")
+    TrainSetup(batch=8).add_arguments(p, device_help="cpu (gloo) or cuda (nccl)", batch_help="batch per process")
     p.add_argument("--repeats", type=int, default=3, help="runs per process count (median)")
     p.add_argument("--procs", type=int, default=None, help="processes of the parallel run (CPU: 2; CUDA: all GPUs)")
-    p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--negatives", type=int, default=20)
-    p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:  # one torchrun process; rank 0 writes --result
         _worker(args)
         return 0
-
-    from volcnn.data import synthesize_cohort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        synthesize_cohort(data, cases=args.cases, seed=0, size="small", negatives=args.negatives)
-        summary = run(data, Path(tmp), args.device, args.network, args.patch, args.margin, args.batch, args.epochs,
-                      args.repeats, args.procs)  # fmt: skip
-    print(table(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    setup = TrainSetup.from_args(args)
+    return main_on_cohort(args, lambda data, work: run(data, work, setup, args.repeats, args.procs), table)
 
 
 if __name__ == "__main__":

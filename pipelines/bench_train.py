@@ -16,10 +16,10 @@ Per epoch after the first (the first fills the cache), from ``EPOCH_STARTED`` to
 (Ignite's ``GET_BATCH_STARTED`` -> ``GET_BATCH_COMPLETED``) and the share spent in ``prepare_batch`` (moving the
 batch to the device and augmenting it there). Medians over the timed epochs::
 
-    python pipelines/bench_train.py                   # CPU: bundle fp32, bundle bf16, naive fp32
-    python pipelines/bench_train.py --device cuda --network densenet121 --patch 64 --batch 32
+    python -m pipelines.bench_train                   # CPU: bundle fp32, bundle bf16, naive fp32
+    python -m pipelines.bench_train --device cuda --network densenet121 --patch 64 --batch 32
 
-Prints a table and writes JSON (``--out``). :func:`run` is what ``pipelines/benchmark.py`` calls.
+Prints a table and writes JSON (``--out``). :func:`run` is what :mod:`pipelines.benchmark` calls.
 """
 
 from __future__ import annotations
@@ -27,22 +27,115 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from bench_preprocess import memory_mb  # noqa: E402
+from pipelines.common import REPO, memory_mb, run_child
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "bundles" / "lung_nodule_ct_classification" / "configs" / "train.json"
 
 #: the configurations compared, as (data path, precision)
 CONFIGS = (("bundle", "fp32"), ("bundle", "bf16"), ("naive", "fp32"))
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What a training benchmark holds fixed across the runs it compares (this one and :mod:`pipelines.bench_scaling`):
+    the bundle's network, cubic patch (plus ``margin`` voxels of context per side), batch (per process), epochs (the
+    first is not timed) and device."""
+
+    network: str = "valid_cnn3d"
+    patch: int = 32
+    margin: int = 6
+    batch: int = 16
+    epochs: int = 4
+    device: str = "cpu"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainSetup:
+        return cls(args.network, args.patch, args.margin, args.batch, args.epochs, args.device)
+
+    def add_arguments(
+        self, p: argparse.ArgumentParser, device_help: str | None = None, batch_help: str | None = None,
+        epochs_help: str = "epochs per run; the first is not timed",
+    ) -> None:  # fmt: skip
+        """This setup's options (its values the defaults), the training cohort's (``--cases``, ``--negatives``) and
+        ``--out``; hidden, ``--data`` and ``--run-dir`` of a child run (:meth:`argv`)."""
+        p.add_argument("--device", default=self.device, help=device_help)
+        p.add_argument("--network", default=self.network)
+        p.add_argument("--patch", type=int, default=self.patch)
+        p.add_argument("--margin", type=int, default=self.margin)
+        p.add_argument("--batch", type=int, default=self.batch, help=batch_help)
+        p.add_argument("--epochs", type=int, default=self.epochs, help=epochs_help)
+        p.add_argument("--cases", type=int, default=8, help="synthetic patients of the training cohort")
+        p.add_argument("--negatives", type=int, default=20, help="negative candidates per patient")
+        p.add_argument("--out", default=None, help="JSON file for the results")
+        p.add_argument("--data", help=argparse.SUPPRESS)
+        p.add_argument("--run-dir", help=argparse.SUPPRESS)
+
+    def argv(self, data: Path, run_dir: Path) -> list[str]:
+        """The options that give a child run this setup, the cohort in ``data`` and ``run_dir`` for its outputs."""
+        return ["--data", str(data), "--run-dir", str(run_dir), "--device", self.device, "--network", self.network,
+                "--patch", str(self.patch), "--margin", str(self.margin), "--batch", str(self.batch),
+                "--epochs", str(self.epochs)]  # fmt: skip
+
+    def workflow(self, config_file: str | Sequence[str], data: str, run_dir: str, **overrides: Any) -> Any:
+        """The bundle's training workflow (``monai.bundle.ConfigWorkflow``) for this setup, initialised: seed 0, no
+        progress bar, validation off; ``overrides`` are further config keys (objects or values)."""
+        from monai.bundle import ConfigWorkflow
+
+        wf = ConfigWorkflow(
+            config_file=config_file, workflow_type=None, run_id="training", dataset_dir=data,
+            datalist=str(Path(data) / "datalist.json"), output_dir=run_dir, network_def=self.network,
+            patch_size=[self.patch] * 3, margin=self.margin, batch_size=self.batch, max_epochs=self.epochs,
+            progress=False, seed=0, val_interval=10**6, **overrides,
+        )  # fmt: skip
+        wf.initialize()
+        return wf
+
+
+def training_cohort(folder: Path, cases: int = 8, negatives: int = 20) -> Path:
+    """The training benchmarks' cohort: ``cases`` ``small`` synthetic patients (seed 0) written into ``folder``."""
+    from volcnn.data import synthesize_cohort
+
+    synthesize_cohort(folder, cases=cases, seed=0, size="small", negatives=negatives)
+    return folder
+
+
+def main_on_cohort(
+    args: argparse.Namespace, measure: Callable[[Path, Path], dict[str, Any]], table: Callable[[dict[str, Any]], str]
+) -> int:
+    """A training benchmark's command: :func:`training_cohort` (``args.cases``, ``args.negatives``) in a temporary
+    folder, ``measure(data, work)`` there, its ``table`` printed and the result written to ``args.out`` as JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = training_cohort(Path(tmp) / "data", args.cases, args.negatives)
+        summary = measure(data, Path(tmp))
+    print(table(summary))
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def medians_after_first(epochs: Sequence[Mapping[str, float]], keys: Mapping[str, str]) -> dict[str, float | None]:
+    """``{name: median of epoch[key] over the epochs after the first}`` for each ``name: key`` of ``keys`` (``None``
+    when there is no such epoch): the first epoch fills the cache and warms up, so it is not timed."""
+    timed = [e for e in epochs if e["epoch"] > 1]
+    return {name: statistics.median(e[key] for e in timed) if timed else None for name, key in keys.items()}
+
+
+def device_sync(device: Any) -> Callable[[], None]:
+    """What :class:`EpochClock` calls before each clock reading: CUDA synchronise on a CUDA ``device``, else nothing."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return lambda: None
+    return lambda: torch.cuda.synchronize(dev)
 
 
 def naive_transforms(patch: int, margin: int, pixdim: float = 1.0, hu_window: tuple[float, float] = (-1000, 400)):
@@ -141,34 +234,22 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     """One training run in this process: per-epoch throughput, data wait and device-side preparation time."""
     import torch
     from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
 
     amp = args.precision != "fp32"
     dtype = {"fp32": "auto", "bf16": "bfloat16", "fp16": "float16"}[args.precision]
     overrides = _naive_overrides(args) if args.path == "naive" else {}
-    wf = ConfigWorkflow(
-        config_file=str(TRAIN), workflow_type=None, run_id="training", dataset_dir=args.data,
-        datalist=str(Path(args.data) / "datalist.json"), output_dir=args.run_dir, device=args.device,
-        network_def=args.network, patch_size=[args.patch] * 3, margin=args.margin, batch_size=args.batch,
-        max_epochs=args.epochs, amp=amp, amp_dtype=dtype, progress=False, seed=0, val_interval=10**6,
-        **overrides,
-    )  # fmt: skip
-    wf.initialize()
+    wf = TrainSetup.from_args(args).workflow(str(TRAIN), args.data, args.run_dir, device=args.device, amp=amp,
+                                             amp_dtype=dtype, **overrides)  # fmt: skip
     trainer = wf.parser.get_parsed_content("train#trainer")
     cuda = torch.device(args.device).type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    clock = EpochClock(sync)
+    clock = EpochClock(device_sync(args.device))
     epochs: list[dict[str, float]] = []
     prepare = trainer.prepare_batch
 
     def timed_prepare(*a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
         out = prepare(*a, **kw)
-        sync()
+        clock.sync()
         clock.prepare += time.perf_counter() - t
         return out
 
@@ -192,13 +273,12 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     util = None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        from bench_compute import gpu_utilisation  # the sibling script (this file runs as a script)
+        from pipelines.bench_compute import gpu_utilisation
 
         with gpu_utilisation() as util:
             wf.run()
     else:
         wf.run()
-    timed = [e for e in epochs if e["epoch"] > 1]
     result: dict[str, Any] = {
         "path": args.path,
         "precision": args.precision,
@@ -208,8 +288,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "first_epoch_s": epochs[0]["seconds"] if epochs else None,
         "peak_rss_mb": memory_mb()[1],
     }
-    for key in ("seconds", "samples_per_s", "data_wait_fraction", "prepare_fraction"):
-        result[key if key != "seconds" else "epoch_s"] = statistics.median(e[key] for e in timed) if timed else None
+    keys = ("samples_per_s", "data_wait_fraction", "prepare_fraction")
+    result.update(medians_after_first(epochs, {"epoch_s": "seconds", **{k: k for k in keys}}))
     if cuda:
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
@@ -220,17 +300,16 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
 def run(
     data: Path,
     work: Path,
-    device: str = "cpu",
-    network: str = "valid_cnn3d",
-    patch: int = 32,
-    margin: int = 6,
-    batch: int = 16,
-    epochs: int = 4,
+    setup: TrainSetup = TrainSetup(),
     naive_epochs: int = 4,
     naive_workers: int = 2,
     configs: tuple[tuple[str, str], ...] = CONFIGS,
 ) -> dict[str, Any]:
     """Train each configuration on the cohort in ``data`` (a ``volcnn synth`` folder) in its own process.
+
+    Args:
+        setup: network, patch, margin, batch, epochs of the bundle-path runs, device; the naive path runs
+            ``naive_epochs`` with ``naive_workers`` loader workers.
 
     Returns:
         ``{"config": ..., "results": [one dict per configuration], "epoch_speedup_vs_naive": naive epoch time /
@@ -238,29 +317,15 @@ def run(
     """
     results = []
     for path, precision in configs:
-        n_epochs = naive_epochs if path == "naive" else epochs
-        cmd = [sys.executable, __file__, "--child", "--path", path, "--precision", precision, "--data", str(data),
-               "--run-dir", str(work / f"{path}_{precision}"), "--device", device, "--network", network,
-               "--patch", str(patch), "--margin", str(margin), "--batch", str(batch), "--epochs", str(n_epochs),
-               "--naive-workers", str(naive_workers)]  # fmt: skip
-        print(f"  training: {path} data path, {precision}, {n_epochs} epochs ...", flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"training benchmark ({path}, {precision}) failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        this = replace(setup, epochs=naive_epochs) if path == "naive" else setup
+        args = ["--child", "--path", path, "--precision", precision, "--naive-workers", str(naive_workers),
+                *this.argv(data, work / f"{path}_{precision}")]  # fmt: skip
+        print(f"  training: {path} data path, {precision}, {this.epochs} epochs ...", flush=True)
+        results.append(run_child("bench_train", args, f"training benchmark ({path}, {precision})"))
     by = {(r["path"], r["precision"]): r for r in results}
     ours, naive, bf16 = by.get(("bundle", "fp32")), by.get(("naive", "fp32")), by.get(("bundle", "bf16"))
     summary: dict[str, Any] = {
-        "config": {
-            "network": network,
-            "patch": patch,
-            "margin": margin,
-            "batch": batch,
-            "device": device,
-            "epochs": epochs,
-            "naive_epochs": naive_epochs,
-            "naive_workers": naive_workers,
-        },  # fmt: skip
+        "config": {**asdict(setup), "naive_epochs": naive_epochs, "naive_workers": naive_workers},
         "results": results,
     }
     if ours and naive and ours["epoch_s"] and naive["epoch_s"]:
@@ -300,39 +365,20 @@ def table(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--network", default="valid_cnn3d")
-    p.add_argument("--patch", type=int, default=32)
-    p.add_argument("--margin", type=int, default=6)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=4, help="bundle-path epochs; the first is not timed")
+    TrainSetup().add_arguments(p, epochs_help="bundle-path epochs; the first is not timed")
     p.add_argument("--naive-epochs", type=int, default=4, help="naive-path epochs; the first is not timed")
     p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers of the naive path")
-    p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--negatives", type=int, default=20)
-    p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="bundle", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one measurement, JSON on the last stdout line
         print(json.dumps(_measure(args)))
         return 0
-
-    from volcnn.data import synthesize_cohort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        synthesize_cohort(data, cases=args.cases, seed=0, size="small", negatives=args.negatives)
-        configs = CONFIGS + ((("bundle", "fp16"),) if args.device == "cuda" else ())
-        summary = run(data, Path(tmp), args.device, args.network, args.patch, args.margin, args.batch, args.epochs,
-                      args.naive_epochs, args.naive_workers, configs)  # fmt: skip
-    print(table(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    configs = CONFIGS + ((("bundle", "fp16"),) if args.device == "cuda" else ())
+    setup = TrainSetup.from_args(args)
+    return main_on_cohort(args, lambda data, work: run(data, work, setup, args.naive_epochs, args.naive_workers,
+                                                       configs), table)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,24 +1,25 @@
-#!/usr/bin/env python
 """The performance benchmark: every comparison side by side in one run, a table, and JSON (``--out``).
 
-    python pipelines/benchmark.py --out results.json          # CPU: about 11 minutes on 2 cores
-    python pipelines/benchmark.py --device cuda --out gpu.json
+    python -m pipelines.benchmark --out results.json          # CPU: about 11 minutes on 2 cores
+    python -m pipelines.benchmark --device cuda --out gpu.json
+
+Run from the repository root (``pipelines`` is a package there, not an installed one).
 
 Sections (each measurement in its own process, medians of ``--repeats`` runs or of the epochs after the first):
 
 1. **preprocessing** one ``full`` synthetic CT (load, RAS, 1 mm, HU window): ours vs SimpleITK (read,
-   ``ResampleImageFilter``, window), time ratio and peak RSS of each (``pipelines/bench_preprocess.py``);
+   ``ResampleImageFilter``, window), time ratio and peak RSS of each (``pipelines.bench_preprocess``);
 2. **training**: patches/s and epoch time of the bundle's data path vs the naive MONAI-tutorial path on the same
    cohort, model and batch, the share of step time spent waiting for data, fp32 vs bf16
-   (``pipelines/bench_train.py``);
+   (``pipelines.bench_train``);
 3. **inference**: whole-CT heat map, dense vs MONAI ``SlidingWindowInferer``, with the model trained in section 2,
-   on the central slab of the ``full`` CT (``pipelines/bench_inference.py``);
+   on the central slab of the ``full`` CT (``pipelines.bench_inference``);
 4. **compute**: forward+backward+step samples/s per network, precision and variant (eager, channels-last 3D,
    ``torch.compile``); on CUDA also the fraction of the bf16 FLOP ceiling and GPU utilisation
-   (``pipelines/bench_compute.py``);
+   (``pipelines.bench_compute``);
 5. **scaling**: training samples/s of the bundle under torchrun DDP with 1 process vs 2 (CPU, gloo: 1 process with
    every core's thread vs 2 processes with half the threads each) or vs one process per GPU (CUDA, nccl), on the
-   section-2 cohort, runs alternating (``pipelines/bench_scaling.py``).
+   section-2 cohort, runs alternating (``pipelines.bench_scaling``).
 
 The JSON's top-level numbers: ``preprocess_time_ratio_vs_sitk`` (ours / SimpleITK), ``epoch_speedup_vs_naive``
 (naive epoch time / ours), ``data_wait_fraction``, ``heatmap_speedup_vs_swi`` (SWI time / ours) and
@@ -41,15 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_compute  # noqa: E402
-import bench_inference  # noqa: E402
-import bench_preprocess  # noqa: E402
-import bench_scaling  # noqa: E402
-import bench_train  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from pipelines import bench_compute, bench_inference, bench_preprocess, bench_scaling, bench_train
+from pipelines.common import REPO
 
 #: the CPU targets of issue 6: (key, comparison, value)
 TARGETS = (
@@ -151,14 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         weights = None
         cohort = work / "cohort"
         if {"train", "scaling"} & set(sections):
-            from volcnn.data import synthesize_cohort
-
             print(f"synthesising the training cohort ({args.cases} small cases) ...", flush=True)
-            synthesize_cohort(cohort, cases=args.cases, seed=0, size="small", negatives=args.negatives)
+            bench_train.training_cohort(cohort, cases=args.cases, negatives=args.negatives)
         if "train" in sections:
             configs = bench_train.CONFIGS + ((("bundle", "fp16"),) if device == "cuda" else ())
-            train = bench_train.run(cohort, work / "train", device=device, epochs=args.epochs,
-                                    naive_epochs=args.epochs, configs=configs)  # fmt: skip
+            setup = bench_train.TrainSetup(epochs=args.epochs, device=device)
+            train = bench_train.run(cohort, work / "train", setup, naive_epochs=args.epochs, configs=configs)
             report["train"] = train
             for key in ("epoch_speedup_vs_naive", "data_wait_fraction"):
                 report[key] = train.get(key)
@@ -184,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             tables.append("compute:" + text.getvalue().rstrip())
         if "scaling" in sections:
             print("scaling: DDP training, 1 process vs several ...", flush=True)
-            scaling = bench_scaling.run(cohort, work / "scaling", device=device, epochs=args.scaling_epochs,
-                                        repeats=args.repeats)  # fmt: skip
+            setup = bench_train.TrainSetup(batch=8, epochs=args.scaling_epochs, device=device)
+            scaling = bench_scaling.run(cohort, work / "scaling", setup, repeats=args.repeats)
             report["scaling"] = scaling
             for key, value in scaling.items():
                 if key.startswith("ddp_"):

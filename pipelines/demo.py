@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """The demo (``make demo``): synthetic cohort -> bundle training -> evaluation -> export -> inference.
 
 Every step goes through the interfaces a user has: ``volcnn synth``, ``python -m monai.bundle run training``,
 the evaluate overlay, the offline bundle check (which writes ``models/model.ts``) and ``volcnn infer``. The bundle
 keeps its GPU defaults; the demo writes CPU-sized settings into its own copy of the bundle.
 
-    python pipelines/demo.py --out demo_out [--cases 40] [--epochs 15]
+    python -m pipelines.demo --out demo_out [--cases 40] [--epochs 15]     # from the repository root
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.common import REPO
 from volcnn.bundle import configure_bundle, install_model, verify_bundle
 from volcnn.data import synthesize_cohort
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "lung_nodule_ct_classification"
 
 #: CPU-sized settings written into the demo's copy of the bundle (the bundle's own defaults target a GPU)
@@ -38,7 +37,8 @@ CPU_SETTINGS = {
     "batch_size": 16,
     "learning_rate": 0.001,
     # reproducible figures: fp32 with deterministic kernels. bf16 autocast trains ~1.4x faster on CPUs with native
-    # bf16 (pipelines/bench_train.py) but oneDNN's bf16 weight gradients differ run to run, so it is not used here
+    # bf16 (python -m pipelines.bench_train) but oneDNN's bf16 weight gradients differ run to run, so it is not used
+    # here
     "amp": False,
     "deterministic": True,
     "num_workers": 0,

@@ -1,31 +1,16 @@
-"""pipelines/bench_compute.py: FLOP counting, the peak table, GPU sampling without a GPU, one timed step."""
+"""pipelines.bench_compute: FLOP counting, the peak table, GPU sampling without a GPU, one timed step."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[2]
+from pipelines import bench_compute as bench
 
-
-def _load():
-    name = "volcnn_bench_compute"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "pipelines" / "bench_compute.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

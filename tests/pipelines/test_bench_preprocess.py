@@ -1,31 +1,15 @@
-"""pipelines/bench_preprocess.py measures both sides in fresh processes and reports comparable work."""
+"""pipelines.bench_preprocess measures both sides in fresh processes and reports comparable work."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
-
-
-def _load():
-    name = "bench_preprocess"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, PIPELINES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+from pipelines import bench_preprocess as bench
 
 
 def _tiny_ct(path: Path) -> Path:

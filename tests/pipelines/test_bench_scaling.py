@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from pipelines import bench_scaling
+from pipelines.bench_train import TrainSetup
 from volcnn.data import synthesize_cohort
 
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 BATCH = 4
-
-
-def _load(name: str) -> ModuleType:
-    """Import ``pipelines/<name>.py`` (a script folder, not a package) under ``name``."""
-    spec = importlib.util.spec_from_file_location(name, PIPELINES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def bench_scaling():
-    return _load("bench_scaling")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +24,10 @@ def cohort(tmp_path_factory) -> Path:
 
 
 @pytest.mark.dist
-def test_two_process_worker_counts_every_rank(bench_scaling, cohort, tmp_path):
+def test_two_process_worker_counts_every_rank(cohort, tmp_path):
     """One real measurement: torchrun with 2 gloo processes of 1 thread; rank 0's JSON covers both ranks."""
-    result = bench_scaling._launch(2, 1, cohort, tmp_path / "run", "cpu", "seed_cnn3d", 16, 2, BATCH, 2)
+    setup = TrainSetup(network="seed_cnn3d", patch=16, margin=2, batch=BATCH, epochs=2)
+    result = bench_scaling._launch(2, 1, cohort, tmp_path / "run", setup)
     assert (result["processes"], result["backend"], result["device"]) == (2, "gloo", "cpu")
     assert result["threads_per_process"] == 1
     assert result["exit_code"] == 0
@@ -67,7 +51,7 @@ def _fake(procs: int, threads: int, samples_per_s: float) -> dict[str, Any]:
             "epochs": epochs, "data_wait_fraction": 0.01}  # fmt: skip
 
 
-def test_run_alternates_counts_splits_cores_and_takes_medians(bench_scaling, monkeypatch, tmp_path):
+def test_run_alternates_counts_splits_cores_and_takes_medians(monkeypatch, tmp_path):
     calls: list[tuple[int, int]] = []
     speeds = {1: iter([10.0, 30.0, 20.0]), 2: iter([50.0, 34.0, 36.0])}
 
@@ -88,7 +72,7 @@ def test_run_alternates_counts_splits_cores_and_takes_medians(bench_scaling, mon
     assert "1.80x" in text and "90%" in text
 
 
-def test_more_processes_than_cores_is_refused(bench_scaling, monkeypatch, tmp_path):
+def test_more_processes_than_cores_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_scaling, "cpu_cores", lambda: 2)
     with pytest.raises(ValueError, match="cores"):
         bench_scaling.run(tmp_path, tmp_path, procs=3)

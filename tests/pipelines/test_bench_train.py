@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
+from pipelines import bench_train
 from volcnn.data import synthesize_cohort
 
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, PIPELINES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def bench_train():
-    return _load("bench_train")
-
-
-@pytest.fixture(scope="module")
-def summary(bench_train, tmp_path_factory):
+def summary(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_train")
     synthesize_cohort(root / "data", cases=4, seed=3, size="tiny", negatives=6)
     configs = (("bundle", "fp32"), ("naive", "fp32"))
-    return bench_train.run(root / "data", root / "work", patch=32, margin=4, batch=4, epochs=3, naive_epochs=2,
-                           naive_workers=0, configs=configs)  # fmt: skip
+    setup = bench_train.TrainSetup(patch=32, margin=4, batch=4, epochs=3)
+    return bench_train.run(root / "data", root / "work", setup, naive_epochs=2, naive_workers=0, configs=configs)
 
 
 def test_each_path_is_measured_with_its_own_loader(summary):
@@ -65,7 +48,7 @@ def test_naive_path_loads_every_volume_every_epoch(summary):
     assert summary["epoch_speedup_vs_naive"] > 1.0
 
 
-def test_table_prints_every_configuration(bench_train, summary):
+def test_table_prints_every_configuration(summary):
     text = bench_train.table(summary)
     assert "epoch speed-up vs naive" in text
     assert text.count("\n") >= 1 + len(summary["results"])

@@ -25,12 +25,12 @@ network's structure, layer and patch size):
   ``i`` with ``a + J i <= v <= b + J i``. ``J + 1`` samples, ``v = v0 .. v0 + J``, give ``a`` and ``b`` exactly
   (the last sample checks that shifting ``v`` by ``J`` shifts the cells by one). The probe input is thin
   (along the other axes only as many voxels as the layer needs to produce a cell) and along the axis as long as
-  the NaN cells need to stay clear of the ends of the layer's output: receptive fields exceed the patch (51 voxels
-  for ResNet ``layer2``, 195 for ``layer4``, ~1000 for DenseNet121 ``denseblock3``). On 2 busy CPU cores the
-  default layers take 0.5-1 s for ``valid_cnn3d`` and resnet10 (32^3 and 64^3 patches), 3 s for resnet34 at 96^3
-  and DenseNet121 at 32^3, ~13 s for DenseNet121 at 64^3 (one thread: the inputs are small). A network that only
-  runs at the patch size (``seed_cnn3d``) is probed at that size with a NaN slice at every voxel, its centres read
-  from the cells whose receptive fields lie inside the patch.
+  the NaN cells need to stay clear of the ends of the layer's output: receptive fields exceed the patch (51 voxels for
+  ResNet ``layer2``, 195 for ``layer4``, ~1000 for DenseNet121 ``denseblock3``). The probe runs on one thread (the
+  inputs are small) and takes longer the larger the network and its receptive field, DenseNet121 longest (timed by hand
+  per network and patch size; figures in ``pipelines/PERFORMANCE.md``, "Grad-CAM cell geometry"). A network that only
+  runs at the patch size (``seed_cnn3d``) is probed at that size with a NaN slice at every voxel, its centres read from
+  the cells whose receptive fields lie inside the patch.
 
 For networks with branches (ResNet shortcuts, DenseNet concatenations), the receptive field is the hull over all
 paths. Normalisation layers whose statistics span the whole volume (instance, group and layer norm) are replaced

@@ -5,7 +5,8 @@ connected component and those at least ``keep_fraction`` of its size (the table 
 objects); fill the holes, which brings the lungs and airways back; upsample. Holes are filled in 3D with the first
 and last slice (along the slice axis, 2 in RAS) closed, so a lung or trachea cut by the scan's first or last slice
 still counts as enclosed, while the air around the body, which reaches the in-plane border, stays outside.
-SimpleITK (a dependency) does the connected components and the hole filling; about 0.3 s for 512 x 512 x 300.
+SimpleITK (a dependency) does the connected components and the hole filling, a small cost next to the heat map it
+saves (figure in ``pipelines/PERFORMANCE.md``, "Body mask").
 
 Limits: a body cut by the in-plane border of the field of view leaves its lungs open to the outside air in those
 slices; they are then filled only where a slice's body wall closes around them. A scan with no tissue above the

@@ -109,9 +109,9 @@ def plan_dense(
 def bytes_per_voxel(trunk: nn.Module, n: int = 256) -> float:
     """Peak bytes per tile voxel: 12 float32 copies of the largest layer output.
 
-    The factor is measured (peak RSS over a 96^3 tile on CPU): resnet10 at step 4, 276 B per voxel for a largest
-    output of 8 floats per voxel (factor 8.6); densenet121 at step 4, 638 B for 16 floats (factor 10): batch norm
-    and concatenation copies, oneDNN's reordered buffers.
+    The factor is measured and rounded up: peak RSS over a 96^3 tile on CPU for resnet10 and densenet121 at step 4
+    (batch norm and concatenation copies, oneDNN's reordered buffers), measured by hand; the figures are in
+    ``pipelines/PERFORMANCE.md`` ("Dense heat-map tile memory").
     """
     meta = detached_copy(trunk)
     largest = [1]

@@ -6,16 +6,15 @@ the slice normal) that are distinct, collinear and evenly spaced (a missing or d
 pixel data complete and decodable. RescaleSlope/RescaleIntercept are applied per slice, so a series whose
 scaling changes from slice to slice comes out in exact HU.
 
-Reader choice, by measurement (``pipelines/bench_ingest.py``: 512x512x284 synthetic series, 2-core CPU, warm
-page cache, float32 HU out of both, median of 3): this pydicom reader, all checks included, 0.28-0.45 s;
-SimpleITK ImageSeriesReader 0.48-0.58 s (ratio 0.6-0.8x); identical voxel values. pydicom is used because it
-is as fast or faster here and it is the one that can be trusted: SimpleITK silently drops a truncated slice
-file and averages over a missing slice, and the checks need every header through pydicom anyway, so reading
-each file once with pydicom gets the checks and the pixels from the same parsed dataset. Uncompressed 16-bit
-little-endian slices take a ``numpy.frombuffer`` fast path (bit-exact with ``pixel_array``: BitsStored
-masking / sign extension); others go through ``pixel_array``. Its price: compressed transfer syntaxes need a
-pydicom decoder plugin (here JPEG 2000 and RLE decode; JPEG-LS needs ``pylibjpeg-libjpeg`` or
-``python-gdcm``); without one the error names the file and the transfer syntax.
+Reader choice, by measurement: ``python -m pipelines.bench_ingest`` times this pydicom reader, all checks included,
+against SimpleITK's ImageSeriesReader on the same synthetic series, float32 HU out of both, and checks that the voxel
+values are identical (figures in ``pipelines/PERFORMANCE.md``, "DICOM series reading"). pydicom is used because it is as
+fast or faster here and it is the one that can be trusted: SimpleITK silently drops a truncated slice file and averages
+over a missing slice, and the checks need every header through pydicom anyway, so reading each file once with pydicom
+gets the checks and the pixels from the same parsed dataset. Uncompressed 16-bit little-endian slices take a
+``numpy.frombuffer`` fast path (bit-exact with ``pixel_array``: BitsStored masking / sign extension); others go through
+``pixel_array``. Its price: compressed transfer syntaxes need a pydicom decoder plugin (here JPEG 2000 and RLE decode;
+JPEG-LS needs ``pylibjpeg-libjpeg`` or ``python-gdcm``); without one the error names the file and the transfer syntax.
 
 Conventions: DICOM patient coordinates are LPS; the returned affine is RAS (x and y negated). The array is
 ``(X, Y, Z)``: X runs along a row (increasing column index, IOP's first vector), Y down a column (increasing

@@ -4,7 +4,7 @@ Readers get voxels slice by slice, ``(Z, Y, X)`` in memory (NIfTI blocks, Simple
 MONAI and torch take a C-contiguous ``(X, Y, Z)`` array without a copy. numpy's own transposing copy
 (``np.ascontiguousarray`` of the transposed volume) writes every element to another cache line and page; the
 copies here work tile by tile or plane by plane so that writes stay in cache, spread over :data:`COPY_THREADS`
-threads (numpy releases the GIL while it copies). ``pipelines/bench_preprocess.py`` measures the reader that
+threads (numpy releases the GIL while it copies). ``python -m pipelines.bench_preprocess`` measures the reader that
 uses them against SimpleITK; the figures are in ``pipelines/PERFORMANCE.md``.
 """
 
@@ -133,9 +133,10 @@ def empty_float32(shape: tuple[int, ...]) -> np.ndarray:
 
     numpy asks the kernel for transparent huge pages (``madvise``) for large arrays. Their first touch is fast
     while the kernel has recently freed huge pages at hand and slow once it has not (in a VM the host backs each
-    fresh 2 MB page piece by piece): on the 2-core development VM filling a new 196 MB array took 0.02 to 0.66 s,
-    and the first few hundred MB of a process were the fast ones. Plain 4 kB pages (torch's allocator, and
-    SimpleITK's) took a steady 0.09 to 0.15 s. The array shares the tensor's memory, which it keeps alive.
+    fresh 2 MB page piece by piece), so filling a new numpy array took anywhere from far less to far more time than
+    with plain 4 kB pages (torch's allocator, and SimpleITK's), which took a steady time. Compared by filling new
+    arrays on the 2-core development VM, no benchmark command; figures in ``pipelines/PERFORMANCE.md``
+    ("Allocating whole-volume arrays"). The array shares the tensor's memory, which it keeps alive.
     """
     return torch.empty(tuple(int(n) for n in shape), dtype=torch.float32).numpy()
 

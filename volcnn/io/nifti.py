@@ -4,8 +4,8 @@
 nibabel's affine, but reads the file once, :data:`BLOCK_SLICES` slices at a time, inflating ``.nii.gz`` with
 zlib directly (or SimpleITK's faster inflater, checked against the gzip CRC) while other threads transpose the
 previous block into the output (:mod:`volcnn.io.layout`). A truncated or corrupted file is an error naming the
-file, never zeros. Why each piece exists is measured by ``pipelines/bench_preprocess.py``
-(``pipelines/PERFORMANCE.md``).
+file, never zeros. Why each piece exists is measured by ``python -m pipelines.bench_preprocess``
+(figures in ``pipelines/PERFORMANCE.md``, "Preprocessing" and "NIfTI reading").
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ BLOCK_SLICES = 32
 #: compressed bytes read per step from a ``.gz`` file, and the most decompressed bytes produced per step
 GZIP_READ_BYTES = 1 << 20
 GZIP_MAX_OUT_BYTES = 1 << 22
-#: read ``.nii.gz`` voxels through SimpleITK (whose zlib-ng inflates about 3x faster than CPython's zlib) when
-#: the file allows it and the bytes check out against the gzip trailer; see :func:`_read_gzip_voxels_sitk`
+#: read ``.nii.gz`` voxels through SimpleITK (whose zlib-ng inflates faster than CPython's zlib; figures in
+#: ``pipelines/PERFORMANCE.md``, "NIfTI reading") when the file allows it and the bytes check out against the gzip
+#: trailer; see :func:`_read_gzip_voxels_sitk`
 SITK_GZIP = True
 #: two affines "disagree" when they map some corner of the volume more than this apart (mm)
 AFFINE_AGREEMENT_MM = 1e-3
@@ -109,13 +110,13 @@ def _read_gzip_voxels_sitk(
 ) -> bool:
     """Fill ``out`` (C-ordered float32 ``(X, Y, Z)``) with an unscaled ``.nii.gz``'s voxels inflated by SimpleITK.
 
-    SimpleITK's zlib-ng inflates a CT about three times faster than CPython's zlib, but SimpleITK is only trusted
-    with the bytes: the voxel buffer it returns must have nibabel's dtype and size, and the header bytes followed
-    by that buffer must have the CRC32 and length that the gzip trailer records for the whole (single-member)
-    file, i.e. they are the file's bytes. Geometry and everything else come from nibabel. ``convert`` (see
-    :func:`_nifti_read_scaling`) still applies: int32/int64/float64 go through float64 as in nibabel. Memory:
-    SimpleITK's buffer (half of ``out`` for int16) lives until the copy is done; SimpleITK's reader itself peaks
-    at about twice that.
+    SimpleITK's zlib-ng inflates a CT faster than CPython's zlib (``pipelines/PERFORMANCE.md``, "NIfTI reading"), but
+    SimpleITK is only trusted with the bytes: the voxel buffer it returns must have nibabel's dtype and size, and the
+    header bytes followed by that buffer must have the CRC32 and length that the gzip trailer records for the whole
+    (single-member) file, i.e. they are the file's bytes. Geometry and everything else come from nibabel. ``convert``
+    (see :func:`_nifti_read_scaling`) still applies: int32/int64/float64 go through float64 as in nibabel. Memory:
+    SimpleITK's buffer (half of ``out`` for int16) lives until the copy is done; SimpleITK's reader itself peaks at
+    about twice that.
 
     Returns:
         False, ``out`` unspecified (the caller then streams the file with zlib, which also gives the clear error
@@ -219,9 +220,9 @@ class _PlainStream:
 class _GzipStream:
     """Sequential reads of a gzip file's decompressed bytes from byte ``offset``, by :mod:`zlib` directly.
 
-    About a third faster than :mod:`gzip`'s buffered reader on a CT. Concatenated gzip members are read as one
-    stream, as :mod:`gzip` does. :meth:`finish` reads the current member to its end, so that zlib checks its
-    CRC32 and length: a corrupted or cut file is an error instead of wrong voxel values.
+    Faster than :mod:`gzip`'s buffered reader on a CT (``pipelines/PERFORMANCE.md``, "NIfTI reading"). Concatenated gzip
+    members are read as one stream, as :mod:`gzip` does. :meth:`finish` reads the current member to its end, so that
+    zlib checks its CRC32 and length: a corrupted or cut file is an error instead of wrong voxel values.
     """
 
     def __init__(self, file_like: str | os.PathLike[str], offset: int) -> None:

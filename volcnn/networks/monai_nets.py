@@ -1,8 +1,9 @@
 """MONAI's 3D classifiers, registered under timm-like names, with their families' facts.
 
-The ResNets use a stride-2 stem (``conv1_t_stride=2``): MONAI's default stride-1 stem costs 3-8x more
-compute at 32-96 voxel patches for no gain (../shared/PERF.md: resnet18 at 64^3 on 2 CPU cores,
-0.8 -> 5.8 patches/s).
+The ResNets use a stride-2 stem (``conv1_t_stride=2``): MONAI's default stride-1 stem costs several times more
+compute at 32-96 voxel patches for no gain (resnet18 measured with both stems; figures in
+``pipelines/PERFORMANCE.md``, "ResNet stem"). ``python -m pipelines.bench_compute --networks resnet18`` measures the
+stem kept here.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 MONAI's ``Spacingd(pixdim, mode="bilinear", dtype=np.float32)`` resamples through one ``affine_grid`` /
 ``grid_sample`` call over the whole output: a ``(X', Y', Z', 3)`` sampling grid (plus temporaries) is built
-before a single value is interpolated, so a 512x512x600 CT peaks at ~3.4 GB RSS and takes several seconds. This
+before a single value is interpolated, so its time and peak memory grow with the whole output. This
 transform produces the *same* output grid and the same trilinear values with a small, bounded working set:
 
 * **Geometry** is computed exactly as ``monai.transforms.Spacing`` computes it (:func:`spacing_geometry`, which
@@ -23,8 +23,10 @@ transform produces the *same* output grid and the same trilinear values with a s
   elsewhere the same steps run as torch ops. A sheared affine falls back to ``grid_sample`` per slab over the
   slab's bounding box in the input. Everything is float32; the only whole-volume allocation is the output.
 
-On a 512x512x600 CT (0.72 x 0.72 x 1.0 mm -> 1 mm, 2 CPU cores) the step takes ~0.3 s and ~0.3 GB (the output)
-against ~4-6 s and ~2.2 GB extra for ``Spacingd``; values agree with it to ~0.02 HU.
+Compared with ``Spacingd`` on a 512x512x600 CT: a fraction of its time, no memory beyond the output against its
+GBs of temporaries, and values that agree with it to ~0.02 HU (figures, with the machine, in
+``pipelines/PERFORMANCE.md``, "Resampling"). ``python -m pipelines.bench_preprocess`` measures the preprocessing
+chain that uses it against SimpleITK.
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ class _Scratch:
 
     Each step gathers into one buffer what the previous step left in the other. Allocating these temporaries
     afresh for every slab made glibc map and unmap them again and again: with one worker (a DataLoader worker runs
-    torch with one thread) a whole CT's resampling took ~320k page faults instead of ~50k, 0.9 s instead of 0.3 s.
+    torch with one thread) a whole CT's resampling took several times the page faults and the time (figures in
+    ``pipelines/PERFORMANCE.md``, "Resampling").
     """
 
     def __init__(self) -> None:
