@@ -52,7 +52,7 @@ def test_candidate_mode_trains_then_evaluates(cohort, tmp_path):
     n_test = len(json.loads((cohort / "datalist.json").read_text())["test"])
     assert metrics["section"] == "test" and metrics["num_samples"] == n_test
     m = metrics["metrics"]
-    # our plain-torch AUC agrees with the one MONAI's ROCAUC handler computed during the same evaluation
+    # the report's AUC agrees with the engine's val_auc (volcnn.engines.RocAuc) of the same evaluation
     assert m["auc"] == pytest.approx(metrics["engine_metrics"]["val_auc"], abs=1e-9)
     assert m["tp"] + m["fn"] == m["num_positive"] and m["tn"] + m["fp"] == m["num_negative"]
     assert m["threshold_source"] == "validation (Youden)"
