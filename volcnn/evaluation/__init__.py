@@ -32,6 +32,7 @@ from volcnn.evaluation.html import write_report_html
 from volcnn.evaluation.patches import PatchView, patch_view, render_patch_grid
 from volcnn.evaluation.plots import plot_calibration, plot_confusion, plot_roc
 from volcnn.evaluation.predictions import write_predictions_csv
+from volcnn.evaluation.report import write_classification_report
 from volcnn.evaluation.summary import classification_report
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "roc_points",
     "sensitivity_at",
     "threshold_for_sensitivity",
+    "write_classification_report",
     "write_predictions_csv",
     "write_report_html",
     "youden_threshold",
