@@ -59,6 +59,8 @@ def test_candidate_mode_trains_then_evaluates(cohort, tmp_path):
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n_test and "patient" not in rows[0]
+    test_entries = json.loads((cohort / "datalist.json").read_text())["test"]
+    assert [r["image"] for r in rows] == [e["image"] for e in test_entries]  # the datalist's relative paths
     assert sum(int(r["predicted"]) == 1 and int(r["label"]) == 1 for r in rows) == m["tp"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "https://" not in html and "http://" not in html

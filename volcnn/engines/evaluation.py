@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -24,17 +24,26 @@ from volcnn.evaluation import write_classification_report
 __all__ = ["PredictionCollector", "EvaluationReport"]
 
 
-
 class PredictionCollector:
     """Ignite handler collecting class probabilities, labels and case identity for every evaluated sample.
 
     Reads the evaluator's post-processed output (``pred``: ``(K,)`` softmax probabilities, ``label``: one-hot
-    ``(K,)`` or an index) and the batch entry (``case``, ``center``, the image file name). The datalist's
+    ``(K,)`` or an index) and the batch entry (``case``, ``center``, the image's path). The datalist's
     ``patient`` field is never kept. Reset at every run.
+
+    The image is named by its path as the datalist gave it: relative to ``dataset_dir`` when the file lies under
+    it (``volcnn.io.load_datalist`` joins a datalist's relative paths to ``dataset_dir``, so this gives back what
+    the datalist wrote), else absolute. The file name alone is not enough: ``train/0001.nii.gz`` and
+    ``test/0001.nii.gz``, or the same series UID in two LUNA16 subsets, would share one. Without ``dataset_dir``
+    every path is absolute. The ``case`` column is the entry's ``case`` field, else the file name without its
+    extensions.
 
     Under DDP (``multi_gpu_evaluate.json``) each rank evaluates its contiguous block of the section; when the
     evaluator completes, every rank's collection is gathered in rank order, so all ranks hold the whole section
     in datalist order, as one process would.
+
+    Args:
+        dataset_dir: the bundle's ``dataset_dir`` (``"@dataset_dir"`` in ``evaluate.json``), or ``None``.
 
     Attributes:
         probs: ``(N, K)`` float64 after a run.
@@ -42,7 +51,8 @@ class PredictionCollector:
         cases: one dict per sample (``case``, ``image``, ``center_x/y/z``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dataset_dir: str | os.PathLike[str] | None = None) -> None:
+        self.dataset_dir = dataset_dir
         self._probs: list[torch.Tensor] = []
         self._labels: list[int] = []
         self.cases: list[dict[str, Any]] = []
@@ -66,7 +76,7 @@ class PredictionCollector:
             label = torch.as_tensor(out["label"]).detach().cpu().reshape(-1)
             self._probs.append(pred.double())
             self._labels.append(int(label.argmax()) if label.numel() > 1 else int(label.item()))
-            self.cases.append(_case_info(item))
+            self.cases.append(_case_info(item, self.dataset_dir))
 
     def gather(self, engine: Engine | None = None) -> None:
         """Replace this rank's collection by all ranks' in rank order (a collective; a no-op in one process)."""
@@ -90,20 +100,34 @@ class PredictionCollector:
         return len(self._labels)
 
 
-def _case_info(item: dict[str, Any]) -> dict[str, Any]:
+def _case_info(item: dict[str, Any], dataset_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
     info: dict[str, Any] = {}
     image = item.get("image")
     meta = getattr(image, "meta", {}) or {}
     filename = meta.get("filename_or_obj")
     name = os.path.basename(str(filename)) if filename else None
     info["case"] = item.get("case") or (name.split(".")[0] if name else None)
-    info["image"] = name
+    info["image"] = _datalist_path(str(filename), dataset_dir) if filename else None
     center = item.get("center")
     if center is not None:
         xyz = torch.as_tensor(center).reshape(-1).tolist()
         for axis, value in zip("xyz", xyz, strict=False):
             info[f"center_{axis}"] = float(value)
     return info
+
+
+def _datalist_path(filename: str, dataset_dir: str | os.PathLike[str] | None) -> str:
+    """``filename`` relative to ``dataset_dir`` (``/`` separators) when it lies under it, else absolute.
+
+    Lexical (no symlinks resolved): the loader read ``dataset_dir`` joined with the datalist's path, so the two
+    share their spelling; resolving links could take a linked file out of the folder the datalist names.
+    """
+    path = os.path.abspath(filename)
+    if dataset_dir is not None and str(dataset_dir):
+        root = os.path.abspath(dataset_dir)
+        if os.path.commonpath([root, path]) == root and path != root:
+            return PurePath(os.path.relpath(path, root)).as_posix()
+    return PurePath(path).as_posix()
 
 
 class EvaluationReport:
