@@ -78,8 +78,11 @@ def roc_curve(
     """
     s, y = _binary_arrays(scores, labels)
     require_both_classes(torch.from_numpy(y), "the ROC curve")
-    fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=drop_intermediate)
-    return tuple(torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (fpr, tpr, thr))  # type: ignore[return-value]
+    fpr, tpr, thr = (
+        torch.from_numpy(np.asarray(a, dtype=np.float64))
+        for a in skm.roc_curve(y, s, drop_intermediate=drop_intermediate)
+    )
+    return fpr, tpr, thr
 
 
 def roc_points(scores: TensorLike, labels: TensorLike, *, drop_intermediate: bool = True) -> dict[str, list[Any]]:
