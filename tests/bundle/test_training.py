@@ -52,13 +52,15 @@ def test_candidate_mode_trains_then_evaluates(cohort, tmp_path):
     n_test = len(json.loads((cohort / "datalist.json").read_text())["test"])
     assert metrics["section"] == "test" and metrics["num_samples"] == n_test
     m = metrics["metrics"]
-    # our plain-torch AUC agrees with the one MONAI's ROCAUC handler computed during the same evaluation
+    # the report's AUC agrees with the engine's val_auc (volcnn.engines.RocAuc) of the same evaluation
     assert m["auc"] == pytest.approx(metrics["engine_metrics"]["val_auc"], abs=1e-9)
     assert m["tp"] + m["fn"] == m["num_positive"] and m["tn"] + m["fp"] == m["num_negative"]
     assert m["threshold_source"] == "validation (Youden)"
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n_test and "patient" not in rows[0]
+    test_entries = json.loads((cohort / "datalist.json").read_text())["test"]
+    assert [r["image"] for r in rows] == [e["image"] for e in test_entries]  # the datalist's relative paths
     assert sum(int(r["predicted"]) == 1 and int(r["label"]) == 1 for r in rows) == m["tp"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "https://" not in html and "http://" not in html

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from monai.data import MetaTensor
 from sklearn.metrics import roc_auc_score
 
 from volcnn.engines import EvaluationReport, PredictionCollector
@@ -105,3 +106,41 @@ def test_no_cases_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no cases were evaluated in section 'test'"):
         EvaluationReport(tmp_path, PredictionCollector()).write()
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_images_are_named_by_their_datalist_path(tmp_path):
+    """Two scans with one file name in different folders (train/0001, test/0001; two LUNA16 subsets) must be told
+    apart in predictions.csv: the image is its path relative to dataset_dir, or absolute outside it."""
+    dataset_dir = tmp_path / "data"
+    files = [
+        dataset_dir / "train" / "0001.nii.gz",
+        dataset_dir / "test" / "0001.nii.gz",
+        tmp_path / "x" / "0001.nii.gz",
+    ]
+    collector = PredictionCollector(dataset_dir=str(dataset_dir))
+    probs, labels = _binary(3, seed=7)
+    labels[:2] = torch.tensor([0, 1])
+    output = [{"pred": probs[i], "label": torch.nn.functional.one_hot(labels[i], 2).float()} for i in range(3)]
+    batch = [{"image": MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": str(f)})} for f in files]
+    collector.collect(SimpleNamespace(state=SimpleNamespace(output=output, batch=batch)))  # type: ignore[arg-type]
+    EvaluationReport(tmp_path / "out", collector, n_boot=0).write()
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == ["train/0001.nii.gz", "test/0001.nii.gz", str(files[2])]
+    assert [r["case"] for r in rows] == ["0001"] * 3  # the case column is unchanged: the entry's case, else the stem
+
+
+def _image_of(collector: PredictionCollector, filename: str) -> str:
+    """The ``image`` the collector records for one case loaded from ``filename``."""
+    output = [{"pred": torch.tensor([0.3, 0.7]), "label": torch.tensor([0.0, 1.0])}]
+    batch = [{"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": filename})}]
+    collector.collect(SimpleNamespace(state=SimpleNamespace(output=output, batch=batch)))  # type: ignore[arg-type]
+    return collector.cases[-1]["image"]
+
+
+def test_image_paths_given_relative_to_the_working_folder(tmp_path, monkeypatch):
+    """The bundle's default dataset_dir is ``./data``: the loader's paths are then relative to the working folder."""
+    monkeypatch.chdir(tmp_path)
+    assert _image_of(PredictionCollector(dataset_dir="./data"), "./data/subset3/1.2.3.mhd") == "subset3/1.2.3.mhd"
+    assert _image_of(PredictionCollector(dataset_dir="./data"), "data2/1.2.3.mhd") == str(tmp_path / "data2/1.2.3.mhd")
+    assert _image_of(PredictionCollector(), "./data/subset3/1.2.3.mhd") == str(tmp_path / "data/subset3/1.2.3.mhd")

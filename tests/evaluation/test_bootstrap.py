@@ -129,3 +129,23 @@ def test_auc_ci_speed():
     start = time.perf_counter()
     roc_auc_ci(scores, labels, n_boot=1000)
     assert time.perf_counter() - start < 2.0  # typically ~0.1-0.3 s; generous for loaded CI machines
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_resamples_are_the_documented_draws_of_the_seeded_generator(stratified):
+    """The reported intervals stay the same across releases only if the resamples do: a generator seeded with
+    ``seed``, one ``randint`` per chunk of resamples (per stratum, strata in sorted label order)."""
+    labels = torch.tensor([1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0])
+    ids = torch.arange(labels.numel())
+    drawn: list[list[int]] = []
+    bootstrap_ci(lambda i, y: drawn.append(i.tolist()) or 0.0, ids, labels, n_boot=5, seed=11,
+                 stratify=labels if stratified else None)  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    n, b = labels.numel(), 5
+    if stratified:
+        strata = [torch.nonzero(labels == c).flatten() for c in (0, 1)]
+        draws = [torch.randint(0, s.numel(), (b * s.numel(),), generator=g).view(b, -1) for s in strata]
+        expected = torch.cat([s[d] for s, d in zip(strata, draws, strict=True)], dim=1)
+    else:
+        expected = torch.randint(0, n, (b * n,), generator=g).view(b, n)
+    assert drawn == expected.tolist()

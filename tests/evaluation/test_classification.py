@@ -14,6 +14,7 @@ from volcnn.evaluation import (
     binary_metrics,
     confusion_matrix,
     expected_calibration_error,
+    mean_ovr_auc,
     multiclass_metrics,
     roc_auc,
     roc_curve,
@@ -291,3 +292,44 @@ def test_multiclass_unknown_average():
     probs, labels = multiclass_data(3)
     with pytest.raises(ValueError, match="not one of"):
         multiclass_metrics(probs, labels, average="micro")
+
+
+# ---------------------------------------------------------------- the training metric (train_auc / val_auc)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_mean_ovr_auc_is_the_mean_of_the_column_aucs(k):
+    probs, labels = multiclass_data(k, seed=10 + k)
+    scores = torch.as_tensor(probs, dtype=torch.float32)  # what the evaluator's softmax gives
+    per_column = [roc_auc(scores[:, c], labels == c) for c in range(k)]
+    value = mean_ovr_auc(scores, labels)
+    assert value == pytest.approx(np.mean(per_column), abs=1e-15)
+    onehot = np.eye(k, dtype=int)[labels]
+    assert value == skm.roc_auc_score(onehot, scores.double().numpy(), average="macro")
+    if k > 2:
+        assert value == pytest.approx(multiclass_metrics(scores, labels)["auc"], abs=1e-15)
+    else:  # binary softmax: the two columns rank the cases the same way up to float32 ties
+        assert value == pytest.approx(roc_auc(scores[:, 1], labels), abs=1e-3)
+
+
+def test_mean_ovr_auc_takes_logits():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.7], [-3.0, 4.0], [0.0, 0.1]])  # rows do not sum to 1
+    labels = torch.tensor([0, 1, 1, 0])
+    expected = np.mean([roc_auc(logits[:, 0], labels == 0), roc_auc(logits[:, 1], labels == 1)])
+    assert mean_ovr_auc(logits, labels) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels", "match"),
+    [
+        ([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]], [0, 1], r"undefined for classes \[2\]"),
+        ([[0.2, 0.8], [0.6, 0.4]], [1, 1], r"undefined for classes \[0, 1\]"),
+        ([0.2, 0.8], [0, 1], r"shape \(N, K\) with K >= 2"),
+        ([[0.2, float("nan")], [0.6, 0.4]], [0, 1], "non-finite"),
+        ([[0.2, 0.8], [0.6, 0.4]], [0, 2], r"outside \[0, 2\)"),
+        ([[0.2, 0.8], [0.6, 0.4]], [0, 1, 1], "same number of samples"),
+    ],
+)
+def test_mean_ovr_auc_errors(scores, labels, match):
+    with pytest.raises(ValueError, match=match):
+        mean_ovr_auc(scores, labels)

@@ -12,6 +12,7 @@ from volcnn.engines.imbalance import class_weights
 from volcnn.engines.monitor import TrainingMonitor
 from volcnn.engines.prepare import AugmentOnDevice, train_random_sources
 from volcnn.engines.progress import progress_bar
+from volcnn.engines.roc_auc import RocAuc
 from volcnn.engines.sampling import ShardSampler, make_sampler
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
 from volcnn.engines.workflow import quiet_non_rank0, run_training, seed_everything
@@ -25,6 +26,7 @@ __all__ = [
     "EvaluationReport",
     "NonFiniteLossError",
     "PredictionCollector",
+    "RocAuc",
     "SchedulerStepper",
     "TrainingCheckpointer",
     "TrainingMonitor",

@@ -4,9 +4,10 @@ a predictions CSV, a self-contained HTML report).
 
 Metrics take tensors (any device), NumPy arrays or sequences: ``scores``/``probs`` are ``(N,)`` (binary) or
 ``(N, K)`` class probabilities, ``labels`` ``(N,)`` integer class indices; results are Python numbers, CPU tensors
-or JSON-serialisable dicts. Plots use matplotlib's Agg canvas directly (the caller's backend is never touched) and
-every file is written atomically. The Ignite handlers that feed them during training and evaluation live in
-:mod:`volcnn.engines`.
+or JSON-serialisable dicts. The classification metrics are scikit-learn's (:mod:`sklearn.metrics`) behind one set
+of input checks; what scikit-learn lacks (bootstrap intervals, calibration error, FROC) is written here. Plots use
+matplotlib's Agg canvas directly (the caller's backend is never touched) and every file is written atomically.
+The Ignite handlers that feed them during training and evaluation live in :mod:`volcnn.engines`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from volcnn.evaluation.calibration import expected_calibration_error, reliabilit
 from volcnn.evaluation.classification import (
     binary_metrics,
     confusion_matrix,
+    mean_ovr_auc,
     multiclass_metrics,
     roc_auc,
     roc_curve,
@@ -30,6 +32,7 @@ from volcnn.evaluation.html import write_report_html
 from volcnn.evaluation.patches import PatchView, patch_view, render_patch_grid
 from volcnn.evaluation.plots import plot_calibration, plot_confusion, plot_roc
 from volcnn.evaluation.predictions import write_predictions_csv
+from volcnn.evaluation.report import write_classification_report
 from volcnn.evaluation.summary import classification_report
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "expected_calibration_error",
     "format_table",
     "froc",
+    "mean_ovr_auc",
     "multiclass_metrics",
     "patch_view",
     "plot_calibration",
@@ -59,6 +63,7 @@ __all__ = [
     "roc_points",
     "sensitivity_at",
     "threshold_for_sensitivity",
+    "write_classification_report",
     "write_predictions_csv",
     "write_report_html",
     "youden_threshold",

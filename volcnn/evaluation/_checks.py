@@ -19,6 +19,7 @@ __all__ = [
     "as_labels",
     "as_probs",
     "as_scores",
+    "as_scores_2d",
     "binary_inputs",
     "check_same_length",
     "require_both_classes",
@@ -70,6 +71,23 @@ def as_scores(x: TensorLike, name: str = "scores") -> torch.Tensor:
     """
     t = to_tensor(x, name)
     _check_1d(t, name)
+    return _check_real_finite(t, name)
+
+
+def as_scores_2d(x: TensorLike, name: str = "scores") -> torch.Tensor:
+    """Per-class scores as a finite float64 tensor of shape ``(N, K)``, ``N >= 1``, ``K >= 2``.
+
+    Unlike ``as_probs`` the values may be any real numbers (logits, or half-precision probabilities whose rows are
+    further from 1 than ``PROB_SUM_ATOL``): rank metrics only compare them.
+
+    Raises:
+        ValueError: for another shape, an empty input, or NaN/inf values.
+    """
+    t = to_tensor(x, name)
+    if t.ndim != 2 or t.shape[1] < 2:
+        raise ValueError(f"{name} must have shape (N, K) with K >= 2, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty; metrics need at least one sample")
     return _check_real_finite(t, name)
 
 

@@ -1,4 +1,11 @@
-"""Percentile bootstrap confidence intervals over cases, reproducible from a seed."""
+"""Percentile bootstrap confidence intervals over cases, reproducible from a seed.
+
+scikit-learn has no bootstrap; the resampling here is volcnn's own and must stay as it is: the resamples are drawn
+with a seeded ``torch.Generator`` in a fixed order (chunks of rows, strata in sorted order), so a seed gives the
+same resamples, hence the same interval, in every run and release. Each resample's metric is the caller's function
+(scikit-learn's for the metrics of :mod:`volcnn.evaluation.classification`), except for the ROC AUC, which is
+computed for all resamples at once (see ``_auc_resamples``).
+"""
 
 from __future__ import annotations
 
@@ -67,7 +74,13 @@ def _auc_resamples(scores: torch.Tensor, labels: torch.Tensor, chunks: Iterator[
     Scores are replaced by their dense rank among the U distinct scores; per resample, the counts of negatives
     ``neg_u`` and positives ``pos_u`` at each rank give (in exact integer arithmetic)
     ``AUC = sum_u pos_u (2 cumneg_u - neg_u) / (2 P N)`` with ``cumneg_u = sum_{v <= u} neg_v``, which counts
-    ties one half exactly as ``roc_auc`` does.
+    ties one half as ``roc_auc`` does.
+
+    Kept hand-written because of a measurement: calling ``roc_auc`` (``sklearn.metrics.roc_auc_score``) once per
+    resample took about 200 times as long for 1000 resamples of N = 251 (the demo's test section) and about 20
+    times as long at N = 5000 (the report computes this interval on every evaluation). The value is the exact
+    fraction rounded once; scikit-learn's trapezoid sum can differ from it in the last bit (at most 1 ulp), so
+    this path and the generic one agree to ~1e-16, not bit for bit.
     """
     s, y = binary_inputs(scores, labels)
     _, rank = torch.unique(s, sorted=True, return_inverse=True)
@@ -104,7 +117,7 @@ def bootstrap_ci(
 
     A resample where ``metric_fn`` raises ``ValueError`` or returns a non-finite value is skipped (logged); if
     more than half are skipped the interval is refused. ``metric_fn=roc_auc`` with two tensors takes a
-    vectorised path (1000 resamples of N = 5000 in well under a second) with the same resamples and results.
+    vectorised path (``_auc_resamples``) over the same resamples.
 
     Args:
         metric_fn: ``metric_fn(*resampled) -> float``.

@@ -1,8 +1,13 @@
-"""Calibration: reliability diagram bins and expected calibration error (ECE), in plain torch.
+"""Calibration: reliability diagram bins and expected calibration error (ECE).
 
 Binning: ``n_bins`` equal-width bins on ``[0, 1]`` with edges ``i * (1 / n_bins)`` (as ``numpy.linspace``), each
 bin ``(lower, upper]`` closed on the right and the first one also containing 0 - the same assignment as
-``sklearn.calibration.calibration_curve(strategy="uniform")``.
+``sklearn.calibration.calibration_curve(strategy="uniform")``, which the tests compare with.
+
+Kept hand-written (one ``bucketize`` and three bin sums): scikit-learn has no ECE, and ``calibration_curve``
+returns the means of the non-empty bins only, without their counts, which both the reliability diagram (bar
+heights) and the ECE (bin weights) need; recovering the counts would mean binning a second time. The ECE is
+summed as ``sum_b |sum of confidences_b - sum of outcomes_b| / N``, one division instead of two per bin.
 
 What is calibrated depends on the shape of ``probs``:
 
