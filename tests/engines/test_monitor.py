@@ -52,8 +52,9 @@ class _FailingLoss(torch.nn.Module):
         return self.ce(pred, label)
 
 
-def _build(max_epochs: int = 2, fail_at: int | None = None):
-    """A tiny MONAI trainer + evaluator wired like the bundle (softmax postprocessing, ROCAUC key metrics)."""
+def _build(max_epochs: int = 2, fail_at: int | None = None, monitor: dict | None = None):
+    """A tiny MONAI trainer + evaluator wired like the bundle (softmax postprocessing, ROCAUC key metrics); with
+    ``monitor`` (its arguments), a ``TrainingMonitor`` listed in ``train_handlers`` as ``train.json`` lists it."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     net = torch.nn.Sequential(
@@ -81,6 +82,7 @@ def _build(max_epochs: int = 2, fail_at: int | None = None):
             # steps at EPOCH_COMPLETED before the monitor's handler: the monitor must log the lr used in the epoch
             LrScheduleHandler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5), print_lr=False),
             ValidationHandler(validator=evaluator, interval=1, epoch_level=True),
+            *([TrainingMonitor(validator=evaluator, **monitor)] if monitor is not None else []),
         ],
     )
     return trainer, evaluator
@@ -162,6 +164,16 @@ def test_training_run_writes_scalars_and_patch_grid(tmp_path: Path):
         assert pixels.shape == (im.height, im.width)
         assert pixels.min() < 64 and pixels.max() > 200 and len(np.unique(pixels)) > 20  # slices drawn, not blank
     assert not monitor.tb.is_open  # closed on COMPLETED
+
+
+def test_monitor_listed_in_train_handlers_logs_the_learning_rate(tmp_path: Path):
+    """MONAI attaches ``train_handlers`` before the trainer has its optimizer; the rate is still logged."""
+    trainer, _ = _build(max_epochs=2, monitor={"log_dir": tmp_path, "log_every_n_iters": 3})
+    trainer.run()
+    ea = _events(tmp_path)
+    assert _scalars(ea, "train/lr/group_0") == {1: pytest.approx(LR), 2: pytest.approx(LR / 2)}
+    assert {"train/loss", "train/train_auc", "val/val_auc", "val/time_s"} <= set(ea.Tags()["scalars"])
+    assert [im.step for im in ea.Images("val/patches")] == [1, 2]
 
 
 def test_image_interval_and_iteration_period(tmp_path: Path):

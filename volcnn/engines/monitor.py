@@ -85,6 +85,7 @@ class TrainingMonitor:
         self.log_every_n_iters = max(0, int(log_every_n_iters))
         self.rank = rank
         self.tb = LazyTensorboardLogger(self.log_dir)
+        self._lr_attached = False
 
     def close(self) -> None:
         """Flush and close the writer; a later summary opens a new event file."""
@@ -107,9 +108,7 @@ class TrainingMonitor:
                 output_transform=_loss_dict,
             )
         tb.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train", metric_names="all")
-        optimizer = getattr(trainer, "optimizer", None)
-        if getattr(optimizer, "param_groups", None):
-            tb.attach_opt_params_handler(trainer, Events.EPOCH_STARTED, optimizer, param_name="lr", tag="train")
+        trainer.add_event_handler(Events.STARTED, self._attach_lr)
         if self.validator is not None:
             tb.attach_output_handler(
                 self.validator,
@@ -123,6 +122,15 @@ class TrainingMonitor:
         trainer.add_event_handler(Events.COMPLETED, self._on_end)
         trainer.add_event_handler(Events.TERMINATE, self._on_end)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+
+    def _attach_lr(self, trainer: Engine) -> None:
+        """Attach Ignite's ``OptimizerParamsHandler`` once the trainer runs: MONAI's trainers attach their
+        ``train_handlers`` in ``Workflow.__init__``, before ``SupervisedTrainer`` sets ``self.optimizer``."""
+        optimizer = getattr(trainer, "optimizer", None)
+        if self._lr_attached or not getattr(optimizer, "param_groups", None):
+            return
+        self.tb.attach_opt_params_handler(trainer, Events.EPOCH_STARTED, optimizer, param_name="lr", tag="train")
+        self._lr_attached = True
 
     def _on_end(self, engine: Engine) -> None:
         self.close()
