@@ -20,9 +20,9 @@ Format 1 (written before the best model and early stopping became handlers of th
 early-stopping flag and the metric history at the top level; it still resumes: a ``save_dict`` entry with no state
 in a format-1 file gets the one its ``state_from_v1(checkpoint)`` builds from those entries.
 
-Ours rather than Ignite's ``Checkpoint`` or MONAI's ``CheckpointSaver`` (see ``RELIABILITY.md``): Ignite's removes
-the file it rotates out before it writes the new one and does not fsync, MONAI's writes in place, and neither
-saves RNG states, let alone in a weights-only loadable form.
+Ours rather than Ignite's ``Checkpoint`` or MONAI's ``CheckpointSaver``: Ignite's removes the file it rotates out
+before it writes the new one and does not fsync, MONAI's writes in place, and neither saves RNG states, let alone
+in a weights-only loadable form.
 """
 
 from __future__ import annotations
