@@ -75,11 +75,11 @@ def _check_tensorboard(log_dir: Path, epochs: int) -> None:
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("train/loss_epoch", "train/lr", "train/samples_per_s", "train/train_auc", "val/val_auc"):
+    for tag in ("train/loss_epoch", "train/lr/group_0", "train/samples_per_s", "train/train_auc", "val/val_auc"):
         assert tag in tags["scalars"], tag
         assert [e.step for e in acc.Scalars(tag)] == list(range(1, epochs + 1)), tag
     assert all(e.value > 0 for e in acc.Scalars("train/samples_per_s"))
-    assert acc.Scalars("train/lr")[0].value == pytest.approx(0.001)
+    assert acc.Scalars("train/lr/group_0")[0].value == pytest.approx(0.001)
     assert "val/patches" in tags["images"] and len(acc.Images("val/patches")) == epochs
 
 

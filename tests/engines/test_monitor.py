@@ -52,8 +52,9 @@ class _FailingLoss(torch.nn.Module):
         return self.ce(pred, label)
 
 
-def _build(max_epochs: int = 2, fail_at: int | None = None):
-    """A tiny MONAI trainer + evaluator wired like the bundle (softmax postprocessing, ROCAUC key metrics)."""
+def _build(max_epochs: int = 2, fail_at: int | None = None, monitor: dict | None = None):
+    """A tiny MONAI trainer + evaluator wired like the bundle (softmax postprocessing, ROCAUC key metrics); with
+    ``monitor`` (its arguments), a ``TrainingMonitor`` listed in ``train_handlers`` as ``train.json`` lists it."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     net = torch.nn.Sequential(
@@ -81,6 +82,7 @@ def _build(max_epochs: int = 2, fail_at: int | None = None):
             # steps at EPOCH_COMPLETED before the monitor's handler: the monitor must log the lr used in the epoch
             LrScheduleHandler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5), print_lr=False),
             ValidationHandler(validator=evaluator, interval=1, epoch_level=True),
+            *([TrainingMonitor(validator=evaluator, **monitor)] if monitor is not None else []),
         ],
     )
     return trainer, evaluator
@@ -122,7 +124,7 @@ def test_training_run_writes_scalars_and_patch_grid(tmp_path: Path):
 
     ea = _events(log_dir)
     tags = set(ea.Tags()["scalars"])
-    expected = {"train/loss", "train/loss_epoch", "train/lr", "train/samples_per_s", "train/epoch_time_s"}
+    expected = {"train/loss", "train/loss_epoch", "train/lr/group_0", "train/samples_per_s", "train/epoch_time_s"}
     assert expected | {"train/train_auc", "val/val_auc", "val/time_s"} <= tags
     assert not any(t.startswith(("gpu/", "amp/")) for t in tags)  # CPU, no AMP
 
@@ -136,8 +138,10 @@ def test_training_run_writes_scalars_and_patch_grid(tmp_path: Path):
     assert loss_epoch[1] == pytest.approx(np.mean([rec["loss"][i] for i in (1, 2, 3)]), rel=1e-6)
     assert loss_epoch[2] == pytest.approx(np.mean([rec["loss"][i] for i in (4, 5, 6)]), rel=1e-6)
 
-    # the lr in effect during each epoch, although the scheduler stepped before the monitor's EPOCH_COMPLETED
-    lr = _scalars(ea, "train/lr")
+    # the lr in effect during each epoch, although the scheduler stepped before the monitor's EPOCH_COMPLETED; Ignite's
+    # OptimizerParamsHandler names it per parameter group even when there is one
+    assert "train/lr" not in tags
+    lr = _scalars(ea, "train/lr/group_0")
     assert lr == {1: pytest.approx(LR), 2: pytest.approx(LR / 2)}
     sps = _scalars(ea, "train/samples_per_s")
     assert sorted(sps) == [1, 2] and all(v > 0 for v in sps.values())
@@ -159,7 +163,17 @@ def test_training_run_writes_scalars_and_patch_grid(tmp_path: Path):
         pixels = np.asarray(Image.open(io.BytesIO(im.encoded_image_string)).convert("L"))
         assert pixels.shape == (im.height, im.width)
         assert pixels.min() < 64 and pixels.max() > 200 and len(np.unique(pixels)) > 20  # slices drawn, not blank
-    assert monitor._writer is None  # closed on COMPLETED
+    assert not monitor.tb.is_open  # closed on COMPLETED
+
+
+def test_monitor_listed_in_train_handlers_logs_the_learning_rate(tmp_path: Path):
+    """MONAI attaches ``train_handlers`` before the trainer has its optimizer; the rate is still logged."""
+    trainer, _ = _build(max_epochs=2, monitor={"log_dir": tmp_path, "log_every_n_iters": 3})
+    trainer.run()
+    ea = _events(tmp_path)
+    assert _scalars(ea, "train/lr/group_0") == {1: pytest.approx(LR), 2: pytest.approx(LR / 2)}
+    assert {"train/loss", "train/train_auc", "val/val_auc", "val/time_s"} <= set(ea.Tags()["scalars"])
+    assert [im.step for im in ea.Images("val/patches")] == [1, 2]
 
 
 def test_image_interval_and_iteration_period(tmp_path: Path):
@@ -222,10 +236,10 @@ def test_exception_propagates_and_events_are_flushed(tmp_path: Path, order: str)
     if order == "stats_first":
         # StatsHandler re-raises, so Ignite calls no later EXCEPTION_RAISED handler: the writer stays open, but what
         # was written up to the last epoch end was flushed
-        assert monitor._writer is not None and spy.seen == []
+        assert monitor.tb.is_open and spy.seen == []
         monitor.close()
     else:
-        assert monitor._writer is None  # closed by the monitor's EXCEPTION_RAISED handler
+        assert not monitor.tb.is_open  # closed by the monitor's EXCEPTION_RAISED handler
         # the monitor does not stop later EXCEPTION_RAISED handlers (e.g. CheckpointSaver's save on exception).
         # (Ignite fires EXCEPTION_RAISED twice for an exception inside an iteration that a handler re-raises: once
         # from the epoch loop, once from the run loop.)
@@ -246,7 +260,7 @@ def test_monitor_keeps_ignites_exception_semantics(tmp_path: Path):
     swallow = _ExceptionSpy(reraise=False)
     swallow.attach(trainer)
     trainer.run()
-    assert len(swallow.seen) == 1 and monitor._writer is None
+    assert len(swallow.seen) == 1 and not monitor.tb.is_open
     assert sorted(_scalars(_events(tmp_path), "train/loss")) == [1]
 
 
@@ -270,8 +284,8 @@ def test_lr_per_param_group(tmp_path: Path):
     engine.run([1, 2, 3], max_epochs=1)
     ea = _events(tmp_path)
     assert "train/lr" not in ea.Tags()["scalars"] and "train/loss" not in ea.Tags()["scalars"]
-    assert _scalars(ea, "train/lr/group0") == {1: pytest.approx(0.1)}
-    assert _scalars(ea, "train/lr/group1") == {1: pytest.approx(0.01)}
+    assert _scalars(ea, "train/lr/group_0") == {1: pytest.approx(0.1)}
+    assert _scalars(ea, "train/lr/group_1") == {1: pytest.approx(0.01)}
     assert _scalars(ea, "train/loss_epoch") == {1: pytest.approx(2.0)}
 
 

@@ -1,12 +1,14 @@
 """Trainer / evaluator pieces on MONAI + Ignite used by the bundles: AMP, on-device augmentation, checkpoints, resume,
-monitoring."""
+best model, early stopping, monitoring."""
 
 from __future__ import annotations
 
 from volcnn.core.options import as_bool
 from volcnn.engines.amp import AmpPolicy, resolve_amp
+from volcnn.engines.best_model import BestModelSaver
 from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_training_checkpoint
 from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank, rank_seed, world_size
+from volcnn.engines.early_stopping import ValidationEarlyStopping
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
 from volcnn.engines.monitor import TrainingMonitor
@@ -21,6 +23,7 @@ __all__ = [
     "AmpPolicy",
     "AugmentOnDevice",
     "AutocastInferer",
+    "BestModelSaver",
     "BroadcastBuffers",
     "CheckpointError",
     "EvaluationReport",
@@ -30,6 +33,7 @@ __all__ = [
     "SchedulerStepper",
     "TrainingCheckpointer",
     "TrainingMonitor",
+    "ValidationEarlyStopping",
     "VolcnnTrainer",
     "as_bool",
     "class_weights",

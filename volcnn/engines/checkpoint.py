@@ -1,23 +1,33 @@
-"""Checkpoints that survive a kill, a full disk or a NaN, and resume a run bit for bit.
+"""Full checkpoints that survive a kill, a full disk or a NaN, and resume a run bit for bit.
 
 Layout in ``ckpt_dir``::
 
     checkpoint_epoch0007.pt   full training state after epoch 7 (the newest ``keep_last`` are kept)
-    model.pt                  weights of the best epoch by the key metric (the bundle's model file)
+    model.pt, best.json       the best weights (:class:`~volcnn.engines.best_model.BestModelSaver`)
+    previous-<UTC time>/      an earlier run's files, moved aside by a fresh (not resumed) run into the folder
 
 Every file is written to a temporary file beside it, fsynced and renamed over the target
-(:func:`volcnn.core.atomic.atomic_path`), so a kill at any moment leaves the previous files intact. A full
-checkpoint holds the model, optimizer, scheduler and GradScaler states, the trainer's epoch, the best metric
-so far, the early-stopping state and every RNG state (:mod:`volcnn.engines.rng_state`: the global generators, the
-data loader's, and the transform states of the dataset's transform and of the trainer's ``prepare_batch``, where
-the on-device augmentation keeps its own, :func:`volcnn.engines.prepare.train_random_sources`), all in types that
-``torch.load(weights_only=True)`` accepts.
+(:func:`volcnn.core.atomic.atomic_path`), so a kill at any moment leaves the previous files intact; temporary files a
+kill left behind are removed when the next run starts. A full checkpoint (format version 2) holds the trainer's
+epoch and iteration, the ``state_dict()`` of every ``save_dict`` entry (model, optimizer, scheduler, GradScaler, and
+the handlers whose state must survive a resume: the best-model saver's best value and epoch, Ignite's
+``EarlyStopping`` state) and every RNG state (:mod:`volcnn.engines.rng_state`: the global generators, the data
+loader's, and the transform states of the dataset's transform and of the trainer's ``prepare_batch``, where the
+on-device augmentation keeps its own, :func:`volcnn.engines.prepare.train_random_sources`; under DDP one snapshot
+per rank), all in types that ``torch.load(weights_only=True)`` accepts.
+
+Format 1 (written before the best model and early stopping became handlers of their own) kept the best value, the
+early-stopping flag and the metric history at the top level; it still resumes: a ``save_dict`` entry with no state
+in a format-1 file gets the one its ``state_from_v1(checkpoint)`` builds from those entries.
+
+Ours rather than Ignite's ``Checkpoint`` or MONAI's ``CheckpointSaver``: Ignite's removes the file it rotates out
+before it writes the new one and does not fsync, MONAI's writes in place, and neither saves RNG states, let alone
+in a weights-only loadable form.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
@@ -28,7 +38,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from volcnn.core.atomic import atomic_path, atomic_write_json
+from volcnn.core.atomic import atomic_path
 from volcnn.engines.dist import is_rank0, process_rank, world_size
 from volcnn.engines.prepare import train_random_sources
 from volcnn.engines.rng_state import capture_rng, restore_rng
@@ -38,7 +48,7 @@ __all__ = ["TrainingCheckpointer", "CheckpointError", "load_training_checkpoint"
 logger = logging.getLogger(__name__)
 
 FORMAT = "volcnn-checkpoint"
-VERSION = 1
+VERSION = 2
 _NAME = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
 
 
@@ -47,10 +57,11 @@ class CheckpointError(RuntimeError):
 
 
 def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a full checkpoint with ``weights_only=True`` and check that it is one of ours.
+    """Load a full checkpoint with ``weights_only=True`` and check that it is one of ours, in a format this code reads.
 
     Raises:
-        CheckpointError: naming the file, when it cannot be read or is not a volcnn checkpoint.
+        CheckpointError: naming the file, when it cannot be read, is not a volcnn checkpoint, or was written in a
+            newer format.
     """
     try:
         ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
@@ -58,60 +69,38 @@ def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a volcnn training checkpoint")
+    version = ckpt.get("version", 1)
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version!r} is newer than this volcnn reads ({VERSION})")
     return ckpt
 
 
 class TrainingCheckpointer:
-    """Ignite handler: after every epoch, save an exact-resume checkpoint; keep the best weights; stop early.
+    """Ignite handler: after every epoch, save an exact-resume checkpoint and keep the newest ``keep_last``; resume.
 
-    Attach it to the trainer *after* the validation and LR-scheduler handlers (last in ``train_handlers``) so
-    the checkpoint sees the scheduler already stepped and the epoch's validation metric.
+    Attach it to the trainer last in ``train_handlers``, after the validation, LR-scheduler, best-model and
+    early-stopping handlers, so that the checkpoint sees the scheduler already stepped and the epoch's best-model
+    and early-stopping decisions. At the trainer's ``STARTED`` (rank 0) it removes temporary files a killed write left
+    behind and, in a run that was not resumed, moves an earlier run's files to ``previous-<UTC time>/``.
 
     Args:
         ckpt_dir: folder for the files.
-        save_dict: objects with ``state_dict``/``load_state_dict`` by name; must include ``"model"``.
-            Put the optimizer and scheduler here; the trainer's GradScaler is added by :meth:`attach`.
-        validator: the evaluator run by ``ValidationHandler``; its ``state.metrics[key_metric]`` of the same
-            epoch decides the best model and early stopping. Without it, every epoch counts as the best.
-        key_metric: metric name in ``validator.state.metrics`` (e.g. ``"val_auc"``).
-        mode: ``"max"`` or ``"min"``.
+        save_dict: objects with ``state_dict``/``load_state_dict`` by name; must include ``"model"``. Put the
+            optimizer, the scheduler and the stateful handlers here; the trainer's GradScaler is added by
+            :meth:`attach`. An entry may also have ``output_files()`` (files it writes, archived and cleaned with the
+            checkpoints), a ``stopped`` attribute (true after a restore: the run had ended, e.g. by early stopping,
+            and :meth:`resume` reports it finished) and ``state_from_v1(checkpoint)`` (see the module docstring).
         keep_last: how many newest full checkpoints to keep (at least 2).
-        best_filename: file name of the best weights (a plain state dict, loadable by ``CheckpointLoader``).
-        early_stop_patience: stop when the key metric has not improved for this many epochs; 0 turns it off.
-        min_delta: improvement smaller than this does not count.
     """
 
-    def __init__(
-        self,
-        ckpt_dir: str | os.PathLike[str],
-        save_dict: dict[str, Any],
-        validator: Engine | None = None,
-        key_metric: str | None = None,
-        mode: str = "max",
-        keep_last: int = 2,
-        best_filename: str = "model.pt",
-        early_stop_patience: int = 0,
-        min_delta: float = 0.0,
-    ) -> None:
+    def __init__(self, ckpt_dir: str | os.PathLike[str], save_dict: dict[str, Any], keep_last: int = 2) -> None:
         if "model" not in save_dict:
             raise ValueError("save_dict must contain 'model'")
         if int(keep_last) < 2:
             raise ValueError(f"keep_last must be at least 2 (got {keep_last}) so a bad write never leaves none")
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.ckpt_dir = Path(ckpt_dir)
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
-        self.validator = validator
-        self.key_metric = key_metric
-        self.mode = mode
         self.keep_last = int(keep_last)
-        self.best_filename = best_filename
-        self.patience = int(early_stop_patience or 0)
-        self.min_delta = float(min_delta)
-        self.best_value: float | None = None
-        self.best_epoch = 0
-        self.stopped_early = False
-        self.history: list[dict[str, Any]] = []
         self.trainer: Engine | None = None
         self._resumed = False
         self._rank_rng: list[dict[str, Any]] | None = None
@@ -133,16 +122,24 @@ class TrainingCheckpointer:
         if not self._resumed:
             self._archive_previous_run()
 
+    def _handler_files(self) -> list[Path]:
+        """The files the ``save_dict`` entries write themselves (``output_files()``), e.g. ``model.pt``."""
+        files: list[Path] = []
+        for obj in self.save_dict.values():
+            output_files = getattr(obj, "output_files", None)
+            if callable(output_files):
+                files += [Path(p) for p in output_files()]
+        return files
+
     def _archive_previous_run(self) -> None:
         """A fresh (not resumed) run into a folder holding another run's files moves them to
         ``previous-<UTC time>/`` instead of mixing the two runs or deleting the older one's work."""
-        old = [*self.checkpoints(), *(self.ckpt_dir / n for n in (self.best_filename, "best.json"))]
-        old = [p for p in old if p.is_file()]
+        old = [p for p in (*self.checkpoints(), *self._handler_files()) if p.is_file()]
         if not old:
             return
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         target = self.ckpt_dir / f"previous-{stamp}"
-        target.mkdir(exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
         for path in old:
             os.replace(path, target / path.name)
         logger.warning(
@@ -150,81 +147,25 @@ class TrainingCheckpointer:
             self.ckpt_dir, len(old), target,
         )  # fmt: skip
 
-    def _clean_temporaries(self, engine: Engine | None = None) -> None:
-        """Remove temp files a killed write left behind (``.checkpoint_epoch*.pt``, ``.model.*.pt``,
-        ``.best.*.json``: :func:`volcnn.core.atomic.atomic_path` names them ``.{stem}.{random}{suffixes}``)."""
-        if not self.ckpt_dir.is_dir():
-            return
-        best = Path(self.best_filename)
-        patterns = {".*.pt", ".best.*.json", f".{best.name.split('.')[0]}.*{''.join(best.suffixes)}"}
-        for tmp in sorted({p for pattern in patterns for p in self.ckpt_dir.glob(pattern)}):
+    def _clean_temporaries(self) -> None:
+        """Remove temp files a killed write left behind: :func:`volcnn.core.atomic.atomic_path` names them
+        ``.{stem}.{random}{suffixes}`` beside the target (``.checkpoint_epoch0003.x1y2.pt``, ``.model.x1y2.pt``,
+        ``.best.x1y2.json``); other hidden files are left alone."""
+        patterns = {(self.ckpt_dir, ".checkpoint_epoch*.pt")}
+        for f in self._handler_files():
+            patterns.add((f.parent, f".{f.name.split('.')[0]}.*{''.join(f.suffixes)}"))
+        found = {p for folder, pattern in patterns if folder.is_dir() for p in folder.glob(pattern)}
+        for tmp in sorted(found):
             logger.info("removing unfinished checkpoint write %s", tmp)
             tmp.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- saving
-    def _validation_value(self, engine: Engine) -> float | None:
-        if self.validator is None or self.key_metric is None:
-            return None
-        if getattr(self.validator.state, "epoch", None) != engine.state.epoch:
-            return None  # no validation this epoch (val_interval > 1)
-        value = self.validator.state.metrics.get(self.key_metric)
-        try:
-            v = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return None
-        return v if math.isfinite(v) else None
-
-    def _improved(self, value: float) -> bool:
-        if self.best_value is None:
-            return True
-        if self.mode == "max":
-            return value > self.best_value + self.min_delta
-        return value < self.best_value - self.min_delta
-
     def epoch_completed(self, engine: Engine) -> None:
-        """Update the best model and early stopping from this epoch's validation, then save a full checkpoint."""
-        epoch = int(engine.state.epoch)
-        value = self._validation_value(engine)
-        no_validation = self.validator is None or self.key_metric is None
-        record: dict[str, Any] = {"epoch": epoch}
-        if value is not None:
-            record[self.key_metric or "metric"] = value
-        self.history.append(record)
-        if no_validation or (value is not None and self._improved(value)):
-            self.best_value, self.best_epoch = value, epoch
-            if is_rank0():
-                self._write_best(epoch, value)
-        elif value is None and self.best_value is None:
-            # the key metric is undefined so far (e.g. one class in the validation set): keep the latest weights
-            logger.warning(
-                "%s is undefined at epoch %d; %s holds the latest weights", self.key_metric, epoch, self.best_filename
-            )
-            self.best_epoch = epoch
-            if is_rank0():
-                self._write_best(epoch, None)
-        if self.patience and value is not None and epoch - self.best_epoch >= self.patience:
-            self.stopped_early = True
-            logger.info(
-                "early stopping at epoch %d: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                epoch, self.key_metric, epoch - self.best_epoch, self.best_value or float("nan"), self.best_epoch,
-            )  # fmt: skip
+        """Save a full checkpoint of this epoch (rank 0), after gathering every rank's RNG states (all ranks)."""
         self._rank_rng = self._gather_rng(engine)  # a collective: every rank takes part
-        if is_rank0():  # every rank tracks the best metric and early stopping; only rank 0 writes
+        if is_rank0():
             path = self.save(engine)
-            logger.info("epoch %d checkpoint: %s", epoch, path)
-        if self.stopped_early:
-            engine.terminate()
-
-    def _write_best(self, epoch: int, value: float | None) -> None:
-        target = self.ckpt_dir / self.best_filename
-        with atomic_path(target) as tmp:
-            torch.save(self.save_dict["model"].state_dict(), tmp)
-        info = {"epoch": epoch, "metric": self.key_metric, "value": value, "file": self.best_filename}
-        atomic_write_json(self.ckpt_dir / "best.json", info)
-        if value is None:
-            logger.info("saved weights of epoch %d to %s", epoch, target)
-        else:
-            logger.info("new best %s=%.4f at epoch %d -> %s", self.key_metric, value, epoch, target)
+            logger.info("epoch %d checkpoint: %s", engine.state.epoch, path)
 
     def state_dict(self) -> dict[str, Any]:
         """The full checkpoint content for the trainer's current state."""
@@ -242,9 +183,6 @@ class TrainingCheckpointer:
             "state": {name: obj.state_dict() for name, obj in self.save_dict.items()},
             "rng": capture_rng(train_random_sources(engine), _loader_generators(loader)),
             "rng_ranks": self._rank_rng if world_size() > 1 else None,
-            "best": {"metric": self.key_metric, "value": self.best_value, "epoch": self.best_epoch},
-            "early_stopping": {"patience": self.patience, "stopped": self.stopped_early},
-            "history": list(self.history),
         }
 
     def _gather_rng(self, engine: Engine) -> list[dict[str, Any]] | None:
@@ -278,11 +216,12 @@ class TrainingCheckpointer:
 
     # ---------------------------------------------------------------- resuming
     def resume(self, engine: Engine | None = None) -> bool:
-        """Restore the newest loadable checkpoint into the attached objects and the trainer.
+        """Restore the newest loadable checkpoint into the ``save_dict`` objects and the trainer.
 
         ``max_epochs`` keeps the value the trainer was built with (the configured total), so a finished run
         can be extended by raising it. Returns ``True`` when training is already complete (the checkpoint's
-        epoch reached ``max_epochs``, or the run had stopped early) and nothing is left to run.
+        epoch reached ``max_epochs``, or a restored handler says the run had stopped, e.g. early) and nothing is
+        left to run; the trainer's state is then left untouched.
 
         Raises:
             CheckpointError: when the newest checkpoints cannot be used (every candidate is named).
@@ -302,8 +241,19 @@ class TrainingCheckpointer:
                 logger.warning("resume: skipping %s", e)
                 errors.append(str(e))
                 continue
-            return self._restore(engine, ckpt, path)
+            return self._restore(engine, self._upgrade(ckpt), path)
         raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(errors))
+
+    def _upgrade(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """A format-1 checkpoint in the current layout: states for the ``save_dict`` entries that had none."""
+        if ckpt.get("version", 1) >= VERSION:
+            return ckpt
+        state = dict(ckpt["state"])
+        for name, obj in self.save_dict.items():
+            convert = getattr(obj, "state_from_v1", None)
+            if name not in state and callable(convert):
+                state[name] = convert(ckpt)
+        return {**ckpt, "version": VERSION, "state": state}
 
     def _restore(self, engine: Engine, ckpt: dict[str, Any], path: Path) -> bool:
         saved = ckpt["trainer"]
@@ -331,20 +281,15 @@ class TrainingCheckpointer:
             raise CheckpointError(f"{path}: {e}") from None
         for name, obj in self.save_dict.items():
             obj.load_state_dict(ckpt["state"][name])
-        best = ckpt.get("best", {})
-        self.best_value, self.best_epoch = best.get("value"), int(best.get("epoch", 0))
-        self.stopped_early = bool(ckpt.get("early_stopping", {}).get("stopped", False))
-        self.history = list(ckpt.get("history", []))
+        stopped = [name for name, obj in self.save_dict.items() if getattr(obj, "stopped", False) is True]
         max_epochs = int(engine.state.max_epochs or saved["max_epochs"])
-        done = self.stopped_early or saved["epoch"] >= max_epochs
+        done = bool(stopped) or saved["epoch"] >= max_epochs
         if not done:
             engine.load_state_dict(
                 {"epoch": saved["epoch"], "epoch_length": saved["epoch_length"], "max_epochs": max_epochs}
             )
-        logger.info(
-            "resumed from %s (epoch %d of %d)%s", path, saved["epoch"], max_epochs,
-            "; training was already complete" if done else "",
-        )  # fmt: skip
+        reason = f"; the run had stopped ({', '.join(stopped)})" if stopped else "; training was already complete"
+        logger.info("resumed from %s (epoch %d of %d)%s", path, saved["epoch"], max_epochs, reason if done else "")
         return done
 
     def _require_trainer(self) -> Engine:

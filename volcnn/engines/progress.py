@@ -11,7 +11,7 @@ from ignite.engine import Engine
 
 from volcnn.core.options import as_bool
 from volcnn.engines.dist import is_rank0
-from volcnn.engines.monitor import loss_from_output
+from volcnn.engines.summaries import loss_from_output
 
 __all__ = ["progress_bar"]
 

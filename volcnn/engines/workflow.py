@@ -50,14 +50,17 @@ def seed_everything(seed: object = 0, deterministic: object = False) -> None:
 def run_training(trainer: Engine, checkpointer: TrainingCheckpointer | None = None, resume: object = False) -> Any:
     """Run ``trainer``; with ``resume`` true, first continue from the newest checkpoint of ``checkpointer``.
 
-    A non-finite loss stops the run with :class:`NonFiniteLossError` (so the process exits non-zero); the
-    message names the epoch, the iteration and the last good checkpoint, which is left untouched.
+    A resumed run that had finished (it reached ``max_epochs``, or stopped early: the checkpoint holds the
+    early-stopping handler's state) is not started again, so it writes nothing. A non-finite loss stops the run
+    with :class:`NonFiniteLossError` (so the process exits non-zero); the message names the epoch, the iteration
+    and the last good checkpoint, which is left untouched.
     """
     if as_bool(resume):
         if checkpointer is None:
             raise ValueError("resume: true needs the trainer's TrainingCheckpointer")
         if checkpointer.resume(trainer):
-            logger.info("nothing to do: training already reached max_epochs=%s", trainer.state.max_epochs)
+            logger.info("nothing to do: the resumed run had finished (max_epochs=%s or early stopping)",
+                        trainer.state.max_epochs)  # fmt: skip
             return trainer.state
     try:
         trainer.run()
