@@ -4,31 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.distributed.two_ranks import on_two_ranks
 from volcnn.engines import BroadcastBuffers
 
 pytestmark = pytest.mark.dist
 
 
-def _worker(rank: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
-        net[1].running_mean.fill_(float(rank + 1))  # what each rank's own batches left behind
-        net[1].num_batches_tracked.fill_(10 * (rank + 1))
-        BroadcastBuffers(net)(None)
-        results[rank] = (net[1].running_mean.tolist(), int(net[1].num_batches_tracked))
-    finally:
-        dist.destroy_process_group()
+def _buffers_after_broadcast(rank: int) -> tuple[list[float], int]:
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+    net[1].running_mean.fill_(float(rank + 1))  # what each rank's own batches left behind
+    net[1].num_batches_tracked.fill_(10 * (rank + 1))
+    BroadcastBuffers(net)(None)
+    return net[1].running_mean.tolist(), int(net[1].num_batches_tracked)
 
 
 def test_every_rank_ends_with_rank0_buffers(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
-    assert results[0] == results[1] == ([1.0, 1.0], 10)
+    r0, r1 = on_two_ranks(_buffers_after_broadcast, tmp_path)
+    assert r0 == r1 == ([1.0, 1.0], 10)
 
 
 def test_without_a_process_group_it_changes_nothing():

@@ -6,14 +6,13 @@ would see fewer distinct augmentations than a single process on the same number 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from monai.bundle import ConfigParser
+
+from tests.distributed.two_ranks import on_two_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -33,24 +32,16 @@ def _augmented(overlays: list[str], batch: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _worker(rank: int, init_file: str, results) -> None:
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        batch = torch.arange(4 * 20**3, dtype=torch.float32).reshape(4, 1, 20, 20, 20) / 1000.0
-        results[rank] = {
-            "ddp": _augmented(["multi_gpu_train.json"], batch),
-            "single": _augmented([], batch),  # the one-process seeding, on both ranks
-        }
-    finally:
-        dist.destroy_process_group()
+def _streams(rank: int) -> dict[str, torch.Tensor]:
+    batch = torch.arange(4 * 20**3, dtype=torch.float32).reshape(4, 1, 20, 20, 20) / 1000.0
+    return {
+        "ddp": _augmented(["multi_gpu_train.json"], batch),
+        "single": _augmented([], batch),  # the one-process seeding, on both ranks
+    }
 
 
 def test_each_rank_augments_with_its_own_stream(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
-    r0, r1 = results[0], results[1]
+    r0, r1 = on_two_ranks(_streams, tmp_path)
     assert r0["ddp"].shape == (4, 1, 16, 16, 16)
     assert torch.equal(r0["single"], r1["single"])  # same seed, same draws: the augmentation is seeded ...
     assert torch.equal(r0["ddp"], r0["single"])  # ... rank 0 keeps the single-process stream ...

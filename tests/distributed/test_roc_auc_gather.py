@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from ignite.engine import Engine
 from monai.handlers import from_engine
 
+from tests.distributed.two_ranks import on_two_ranks
 from volcnn.engines import RocAuc
 
 pytestmark = pytest.mark.dist
@@ -34,21 +33,15 @@ def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return engine.run([items[i : i + 4] for i in range(0, len(items), 4)], max_epochs=1).metrics["val_auc"]
 
 
-def _worker(rank: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        probs, labels = _section()
-        block = slice(0, SPLIT) if rank == 0 else slice(SPLIT, N)
-        results[rank] = _auc(probs[block], labels[block])
-    finally:
-        dist.destroy_process_group()
+def _auc_of_my_block(rank: int) -> float:
+    probs, labels = _section()
+    block = slice(0, SPLIT) if rank == 0 else slice(SPLIT, N)
+    return _auc(probs[block], labels[block])
 
 
 def test_every_rank_gets_the_auc_of_the_whole_section(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    r0, r1 = on_two_ranks(_auc_of_my_block, tmp_path)
     single = _auc(*_section())
-    assert results[0] == results[1] == single
+    assert r0 == r1 == single
     rank0_alone = _auc(*(t[:SPLIT] for t in _section()))
     assert rank0_alone != single  # the gathered figure is not rank 0's own

@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import ROCAUC, LrScheduleHandler, StatsHandler, ValidationHandler, from_engine
+from monai.handlers import LrScheduleHandler, StatsHandler, ValidationHandler, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,6 +19,7 @@ import volcnn.engines.progress as progress_mod
 from volcnn.engines.dist import is_rank0
 from volcnn.engines.monitor import TrainingMonitor, loss_from_output
 from volcnn.engines.progress import progress_bar
+from volcnn.engines.roc_auc import RocAuc
 from volcnn.evaluation.patches import patch_view
 
 LR = 0.1
@@ -53,7 +54,7 @@ class _FailingLoss(torch.nn.Module):
 
 
 def _build(max_epochs: int = 2, fail_at: int | None = None, monitor: dict | None = None):
-    """A tiny MONAI trainer + evaluator wired like the bundle (softmax postprocessing, ROCAUC key metrics); with
+    """A tiny MONAI trainer + evaluator wired like the bundle (softmax postprocessing, RocAuc key metrics); with
     ``monitor`` (its arguments), a ``TrainingMonitor`` listed in ``train_handlers`` as ``train.json`` lists it."""
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -66,7 +67,7 @@ def _build(max_epochs: int = 2, fail_at: int | None = None, monitor: dict | None
         val_data_loader=DataLoader(Dataset(_data(N_VAL, 1)), batch_size=BATCH, shuffle=False),
         network=net,
         postprocessing=post,
-        key_val_metric={"val_auc": ROCAUC(output_transform=from_engine(["pred", "label"]))},
+        key_val_metric={"val_auc": RocAuc(output_transform=from_engine(["pred", "label"]))},
     )
     optimizer = torch.optim.SGD(net.parameters(), lr=LR)
     trainer = SupervisedTrainer(
@@ -77,7 +78,7 @@ def _build(max_epochs: int = 2, fail_at: int | None = None, monitor: dict | None
         optimizer=optimizer,
         loss_function=_FailingLoss(fail_at),
         postprocessing=post,
-        key_train_metric={"train_auc": ROCAUC(output_transform=from_engine(["pred", "label"]))},
+        key_train_metric={"train_auc": RocAuc(output_transform=from_engine(["pred", "label"]))},
         train_handlers=[
             # steps at EPOCH_COMPLETED before the monitor's handler: the monitor must log the lr used in the epoch
             LrScheduleHandler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5), print_lr=False),
