@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks of failures")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        p = sub.add_parser(command.NAME, help=command.HELP, description=command.__doc__.strip().splitlines()[0])
+        p = sub.add_parser(
+            command.NAME, help=command.HELP, description=(command.__doc__ or command.HELP).strip().splitlines()[0]
+        )
         command.add_arguments(p)
         p.set_defaults(func=command.run)
     return parser

@@ -77,7 +77,6 @@ MIN_CAM_GRID = 4
 PADDING_MODES = ("replicate", "constant")
 
 
-
 @dataclass
 class Explanation:
     """The saliency of one finding on its patch.

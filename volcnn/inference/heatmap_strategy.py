@@ -155,7 +155,7 @@ class HeatmapStrategy:
         heat: np.ndarray,
         heat_affine: np.ndarray,
         how: dict[str, Any],
-        mask: np.ndarray | None,
+        mask: np.ndarray | torch.Tensor | None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Compare the dense map with windows; under ``"auto"``, fall back to windows when they differ."""
         start = time.perf_counter()

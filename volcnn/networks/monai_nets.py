@@ -8,6 +8,8 @@ stem kept here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from monai.networks.nets import DenseNet, DenseNet121, ResNet, resnet10, resnet18, resnet34
 from torch import nn
 
@@ -50,7 +52,7 @@ def _resnet34(in_channels: int, num_classes: int, spatial_size: tuple[int, ...] 
     return _resnet(resnet34, in_channels, num_classes, **kwargs)
 
 
-def _resnet_split(net: nn.Module) -> TrunkHead:
+def _resnet_split(net: Any) -> TrunkHead:
     """MONAI ``ResNet``: stem and ``layer1..4`` as the trunk, ``fc`` after global pooling as the head."""
     name = type(net).__name__
     fc = getattr(net, "fc", None)
@@ -62,7 +64,7 @@ def _resnet_split(net: nn.Module) -> TrunkHead:
     return TrunkHead(nn.Sequential(*stem, net.layer1, net.layer2, net.layer3, net.layer4), fc)
 
 
-def _densenet_split(net: nn.Module) -> TrunkHead:
+def _densenet_split(net: Any) -> TrunkHead:
     """MONAI ``DenseNet``: ``features`` and the final ReLU as the trunk, the linear ``out`` after pooling as head."""
     name = type(net).__name__
     cls = dict(net.class_layers.named_children())

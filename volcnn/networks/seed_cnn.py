@@ -8,6 +8,7 @@ layer giving logits (softmax is applied by the loss / post-processing, as MONAI 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ def _seed_cnn3d(
     return SeedCNN3d(in_channels, num_classes, spatial_size or (32, 32, 32), **kwargs)  # type: ignore[arg-type]
 
 
-def _seed_split(net: nn.Module) -> TrunkHead:
+def _seed_split(net: Any) -> TrunkHead:
     """``features`` as the trunk; the dense layer over the flattened feature grid, then the rest, as the head."""
     flat, first, *rest = list(net.classifier)
     if not isinstance(flat, nn.Flatten) or not isinstance(first, nn.Linear):
