@@ -41,7 +41,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy volcnn
 
 bundle-check: $(STAMP)
-	$(PY) tools/verify_bundle.py bundles/lung_nodule_ct_classification
+	$(VENV)/bin/volcnn verify-bundle bundles/lung_nodule_ct_classification
 
 clean:
 	rm -rf $(DEMO_OUT) $(BENCH_OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -148,7 +148,7 @@ def test_description_records_the_source(exported) -> None:
         d = read_description(bundle / "models" / f"model.{fmt}")
         assert (d["network_def"], d["num_classes"], d["in_channels"]) == ("resnet10", 2, 1)
         assert d["class_names"] == ["non-nodule", "nodule"]
-        assert (d["source_model"], d["source_sha256"], d["bundle_version"]) == ("model.pt", sha, "0.2.0")
+        assert (d["source_model"], d["source_sha256"], d["bundle_version"]) == ("model.pt", sha, json.loads((bundle / "configs" / "metadata.json").read_text())["version"])
         assert d["exporter"] == exporter
     assert read_description(bundle / "models" / "model.pt")["source_sha256"] == sha
 
