@@ -36,14 +36,14 @@ CPU_SETTINGS = {
     "margin": 6,
     "batch_size": 16,
     "learning_rate": 0.001,
-    # reproducible figures: fp32 with deterministic kernels. bf16 autocast trains ~1.4x faster on CPUs with native
-    # bf16 (python -m pipelines.bench_train) but oneDNN's bf16 weight gradients differ run to run, so it is not used
-    # here
+    # figures that repeat run to run on one machine: fp32 with deterministic kernels. bf16 autocast trains faster on
+    # CPUs with native bf16 (`train` section of the benchmark, pipelines/PERFORMANCE.md) but oneDNN's bf16 weight
+    # gradients differ run to run, so it is not used here
     "amp": False,
     "deterministic": True,
     "num_workers": 0,
-    # channels-last 3D weights: valid_cnn3d's training step 1.39x faster in fp32 on the 2-core CPU (make bench,
-    # compute section); resnet10 gains nothing (0.93x), so the bundle's default stays off
+    # channels-last 3D weights: faster for valid_cnn3d, nothing gained for resnet10 (`compute` section of the
+    # benchmark, pipelines/PERFORMANCE.md), so the bundle's default stays off
     "channels_last": True,
     "stride_mm": 4.0,
     "heatmap_method": "auto",
