@@ -144,11 +144,12 @@ def test_settings_are_the_runner_arguments(exported) -> None:
 def test_description_records_the_source(exported) -> None:
     bundle, _ = exported["resnet10"]
     sha = file_sha256(bundle / "models" / "model.pt")
+    version = json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
     for fmt, exporter in (("ts", "torchscript-script"), ("onnx", "onnx-dynamo")):
         d = read_description(bundle / "models" / f"model.{fmt}")
         assert (d["network_def"], d["num_classes"], d["in_channels"]) == ("resnet10", 2, 1)
         assert d["class_names"] == ["non-nodule", "nodule"]
-        assert (d["source_model"], d["source_sha256"], d["bundle_version"]) == ("model.pt", sha, json.loads((bundle / "configs" / "metadata.json").read_text())["version"])
+        assert (d["source_model"], d["source_sha256"], d["bundle_version"]) == ("model.pt", sha, version)
         assert d["exporter"] == exporter
     assert read_description(bundle / "models" / "model.pt")["source_sha256"] == sha
 
