@@ -41,7 +41,7 @@ def test_binary_report_files_and_validation_threshold(tmp_path):
     youden = youden_threshold(vprobs[:, 1], vlabels)
     assert m["threshold"] == youden and m["threshold_source"] == "validation (Youden)"
     expected = classification_report(probs[:, 1], labels, youden, n_boot=100, seed=0)
-    assert {k: v for k, v in m.items() if k not in ("threshold_source", "at_target_sensitivity")} == {
+    assert {k: v for k, v in m.items() if k not in ("threshold_source", "at_target_sensitivity", "calibration")} == {
         k: v for k, v in expected.items() if k != "threshold_source"
     }
     at_threshold = threshold_for_sensitivity(vprobs[:, 1], vlabels, 0.9)
@@ -100,3 +100,32 @@ def test_input_errors_write_nothing(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         write_classification_report(out_dir=tmp_path / "out", **args)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_calibration_is_fitted_on_the_validation_cases_and_lowers_the_ece(tmp_path):
+    """Overconfident, prior-shifted probabilities (as class-weighted training gives): Platt scaling fitted on the
+    validation cases is written to calibration.json and brings the test cases' ECE down; ranks are unchanged."""
+    from volcnn.models import read_calibration
+
+    def shifted(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        labels = (torch.rand(n, generator=g) < 0.2).long()
+        logit = 1.5 * (labels.double() * 2 - 1) + torch.randn(n, generator=g, dtype=torch.float64)
+        p1 = torch.sigmoid(3.0 * logit + 2.0)  # shifted towards the positive class
+        return torch.stack([1 - p1, p1], dim=1), labels
+
+    probs, labels = shifted(400, 4)
+    vprobs, vlabels = shifted(400, 5)
+    m = write_classification_report(probs, labels, _cases(400), tmp_path, vprobs, vlabels, n_boot=0)["metrics"]
+    cal = m["calibration"]
+    assert cal["fitted_on"] == "validation" and cal["num_cases"] == 400
+    assert cal["ece_before"] == m["ece"] and cal["ece_after"] < 0.5 * cal["ece_before"]
+    # the true log-odds of these classes are 3 * logit + log(0.2 / 0.8) = logit(p1) - 2 - 1.386: a = 1, b = -3.39
+    assert abs(cal["a"] - 1.0) < 0.25 and abs(cal["b"] + 3.39) < 0.6
+    stored = read_calibration(tmp_path / "calibration.json")
+    assert stored is not None and (stored.a, stored.b) == (cal["a"], cal["b"])
+    p1 = probs[:, 1].numpy()
+    assert (np.argsort(stored.apply(p1), kind="stable") == np.argsort(p1, kind="stable")).all()
+    (tmp_path / "calibration.json").unlink()
+    write_classification_report(probs, labels, _cases(400), tmp_path, n_boot=0)  # no validation cases: none
+    assert not (tmp_path / "calibration.json").exists()

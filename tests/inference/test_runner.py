@@ -119,6 +119,9 @@ def test_findings_report_the_nodule_in_world_and_input_voxels(batch, name):
         "input_sha256",
         "stride_mm",
         "threshold",
+        "operating_threshold",
+        "n_at_operating_threshold",
+        "calibration",
         "heatmap",
         "settings",
     }
@@ -132,7 +135,8 @@ def test_findings_report_the_nodule_in_world_and_input_voxels(batch, name):
     assert doc["input_sha256"] == _sha256(batch["inputs"][name])
     assert doc["stride_mm"] == 4.0 and doc["threshold"] == 0.5
     (finding,) = doc["findings"]
-    assert set(finding) == {"center_ras_mm", "center_voxel", "probability"}
+    assert set(finding) == {"center_ras_mm", "center_voxel", "probability", "diameter_mm"}
+    assert 0 < finding["diameter_mm"] <= 30.0  # the blob of the size-aware suppression
     assert np.linalg.norm(np.asarray(finding["center_ras_mm"]) - NODULE_RAS) <= TOL_MM
     back = voxel_to_world(src.affine, finding["center_voxel"])
     half_diagonal = 0.5 * np.linalg.norm(np.sqrt((src.affine[:3, :3] ** 2).sum(axis=0)))

@@ -16,6 +16,7 @@ from volcnn.commands import (
     export,
     infer,
     ingest,
+    mine,
     networks,
     synth,
     verify_bundle,
@@ -24,4 +25,4 @@ from volcnn.commands import (
 __all__ = ["COMMANDS"]
 
 #: the subcommand modules, in the order ``volcnn --help`` lists them
-COMMANDS = (synth, ingest, datalist, infer, evaluate_findings, export, verify_bundle, networks)
+COMMANDS = (synth, ingest, datalist, mine, infer, evaluate_findings, export, verify_bundle, networks)

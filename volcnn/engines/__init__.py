@@ -11,16 +11,22 @@ from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank, rank_s
 from volcnn.engines.early_stopping import ValidationEarlyStopping
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.imbalance import class_weights
+from volcnn.engines.mining import MiningSettings, final_weights, mine_round, run_mining
 from volcnn.engines.monitor import TrainingMonitor
 from volcnn.engines.prepare import AugmentOnDevice, train_random_sources
 from volcnn.engines.progress import progress_bar
 from volcnn.engines.roc_auc import RocAuc
 from volcnn.engines.sampling import ShardSampler, make_sampler
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
-from volcnn.engines.workflow import quiet_non_rank0, run_training, seed_everything
+from volcnn.engines.workflow import load_initial_weights, quiet_non_rank0, run_training, seed_everything
 
 __all__ = [
     "AmpPolicy",
+    "MiningSettings",
+    "final_weights",
+    "load_initial_weights",
+    "mine_round",
+    "run_mining",
     "AugmentOnDevice",
     "AutocastInferer",
     "BestModelSaver",

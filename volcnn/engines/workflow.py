@@ -7,14 +7,16 @@ import os
 from typing import Any
 
 import monai
+import torch
 from ignite.engine import Engine
 
 from volcnn.core.options import as_bool
 from volcnn.engines.checkpoint import TrainingCheckpointer
 from volcnn.engines.dist import process_rank
 from volcnn.engines.trainer import NonFiniteLossError
+from volcnn.models.weights import load_weights
 
-__all__ = ["seed_everything", "run_training", "quiet_non_rank0"]
+__all__ = ["load_initial_weights", "quiet_non_rank0", "run_training", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +72,18 @@ def run_training(trainer: Engine, checkpointer: TrainingCheckpointer | None = No
         logger.error("%s%s", e, where)
         raise NonFiniteLossError(f"{e}{where}") from None
     return trainer.state
+
+
+def load_initial_weights(network: torch.nn.Module, path: object = None) -> None:
+    """Start training from the weights in ``path`` (a state dict, loaded weights-only) instead of a fresh
+    initialisation; nothing when ``path`` is None or ``"none"``. A resumed run's checkpoint then replaces them.
+
+    It runs in the bundle's ``training`` list, after the trainer (and so the network) is built, so an unset
+    ``init_weights`` leaves the order in which the run draws its random numbers, and its results, unchanged.
+    Mining rounds (:mod:`volcnn.engines.mining`) continue from the round before's best weights this way.
+    """
+    if path is None or str(path).strip().lower() in ("", "none", "null"):
+        return
+    device = next(network.parameters()).device
+    load_weights(network, str(path), device).train()
+    logger.info("initial weights from %s", path)

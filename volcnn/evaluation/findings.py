@@ -37,8 +37,10 @@ __all__ = [
     "COORDS",
     "evaluate_findings",
     "format_table",
+    "per_scan_auc",
     "read_annotations",
     "read_findings",
+    "read_scores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,6 +152,43 @@ def read_findings(findings_dir: str | os.PathLike[str]) -> dict[str, list[tuple[
     return out
 
 
+def read_scores(findings_dir: str | os.PathLike[str]) -> dict[str, float]:
+    """``{case: score}``: the volume score of every ``findings_dir/<case>/findings.json`` that has one."""
+    out: dict[str, float] = {}
+    for path in sorted(Path(findings_dir).glob("*/findings.json")):
+        try:
+            score = json.loads(path.read_text(encoding="utf-8")).get("score")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read findings ({e})") from e
+        if isinstance(score, int | float) and math.isfinite(score):
+            out[path.parent.name] = float(score)
+    return out
+
+
+def per_scan_auc(scores: dict[str, float], cases: Sequence[str], nodules: Annotations) -> dict[str, Any]:
+    """ROC AUC of the volume score for "the scan has a nodule", over ``cases``.
+
+    Returns:
+        ``{"auc", "num_with_nodules", "num_without_nodules", "num_without_score"}``; ``auc`` is None (with
+        ``"reason"``) when the scans are all of one kind or no scan has a score.
+    """
+    from volcnn.evaluation.classification import roc_auc
+
+    scored = [c for c in cases if c in scores]
+    labels = [1 if nodules.get(c) else 0 for c in scored]
+    result: dict[str, Any] = {
+        "num_with_nodules": sum(labels),
+        "num_without_nodules": len(labels) - sum(labels),
+        "num_without_score": len(cases) - len(scored),
+        "auc": None,
+    }
+    if 0 < sum(labels) < len(labels):
+        result["auc"] = roc_auc([scores[c] for c in scored], labels)
+    else:
+        result["reason"] = "the scans are all with nodules or all without: the AUC is undefined"
+    return result
+
+
 def _named(cases: Sequence[str]) -> str:
     shown = ", ".join(cases[:_MAX_NAMED])
     return shown + (f", ... ({len(cases) - _MAX_NAMED} more)" if len(cases) > _MAX_NAMED else "")
@@ -193,7 +232,8 @@ def evaluate_findings(
         The :func:`~volcnn.evaluation.froc.froc` result plus ``inputs`` (paths and the coordinate conventions used),
         ``not_inferred`` (annotated cases without ``findings.json``, sorted), ``num_not_inferred``,
         ``num_scans_without_nodules`` (evaluated cases with no annotation row), ``num_failed_inputs`` (from the
-        run's ``failures.json``), ``warnings`` (messages) and, with ``out_dir``, ``outputs``.
+        run's ``failures.json``), ``per_scan`` (:func:`per_scan_auc`: the ROC AUC of the findings' volume
+        ``score`` for "has a nodule"), ``warnings`` (messages) and, with ``out_dir``, ``outputs``.
 
     Raises:
         ValueError: no ``findings.json``; unreadable or malformed CSV / findings; no case in common between the
@@ -249,6 +289,7 @@ def evaluate_findings(
         )
     except ValueError as e:
         raise ValueError(f"evaluating {root} against {annotations}: {e}") from e
+    result["per_scan"] = per_scan_auc(read_scores(root), evaluated, nodules)
     result |= {
         "inputs": {
             "findings_dir": str(root),
@@ -298,4 +339,11 @@ def format_table(result: dict[str, Any]) -> str:
         key = rate_key(rate)
         lines.append(f"  {key:>8}  {result['sensitivities'][key]:>11.3f}" + interval(ci_sens.get(key)))
     lines.append(f"  {'CPM':>8}  {result['cpm']:>11.3f}" + interval(ci.get("cpm")))
+    scan = result.get("per_scan") or {}
+    if scan:
+        auc = "undefined" if scan.get("auc") is None else f"{scan['auc']:.3f}"
+        lines.append(
+            f"per scan (volume score, has a nodule): AUC {auc} over {scan['num_with_nodules']} scans with and "
+            f"{scan['num_without_nodules']} without nodules"
+        )
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import torch
 
 from volcnn.core.atomic import atomic_write_json
 from volcnn.evaluation._checks import TensorLike, as_labels, to_tensor
-from volcnn.evaluation.calibration import reliability_bins
+from volcnn.evaluation.calibration import expected_calibration_error, reliability_bins
 from volcnn.evaluation.classification import (
     binary_metrics,
     multiclass_metrics,
@@ -31,6 +31,7 @@ from volcnn.evaluation.html import write_report_html
 from volcnn.evaluation.plots import plot_calibration, plot_confusion, plot_roc
 from volcnn.evaluation.predictions import write_predictions_csv
 from volcnn.evaluation.summary import classification_report
+from volcnn.models.calibration import CALIBRATION_FILE, fit_platt
 
 __all__ = ["write_classification_report"]
 
@@ -125,6 +126,9 @@ def write_classification_report(
                 "chosen_on": "validation",
                 **binary_metrics(scores, y, at_target),
             }
+        calibration = _calibration_fit(threshold_probs, threshold_labels, scores, y, out)
+        if calibration is not None:
+            report["calibration"] = calibration
         payload["metrics"] = report
         images += _binary_plots(out, section, scores, y, report, names)
     else:
@@ -144,6 +148,30 @@ def write_classification_report(
     _html(out, payload, images, rows, notes, extra)
     logger.info("evaluation of %d %s cases written to %s", len(y), section, out)
     return payload
+
+
+def _calibration_fit(
+    probs: TensorLike | None, labels: TensorLike | None, scores: torch.Tensor, y: torch.Tensor, out: Path
+) -> dict[str, Any] | None:
+    """Platt scaling fitted on the threshold (validation) cases, written to ``out/calibration.json``; its
+    parameters and the evaluated cases' ECE before and after it. None when there are no validation cases or too
+    few of either class to fit (the report is then uncalibrated, as before)."""
+    if probs is None or labels is None or len(to_tensor(probs, "threshold_probs")) == 0:
+        return None
+    p = to_tensor(probs, "threshold_probs")
+    try:
+        fitted = fit_platt(p[:, 1].numpy(), as_labels(labels, "threshold_labels", num_classes=2).numpy())
+    except ValueError as e:
+        logger.warning("no calibration fitted: %s", e)
+        return None
+    fitted.write(out / CALIBRATION_FILE)
+    calibrated = torch.from_numpy(fitted.apply(scores.numpy()))
+    return {
+        **fitted.to_dict(),
+        "file": CALIBRATION_FILE,
+        "ece_before": expected_calibration_error(scores, y),
+        "ece_after": expected_calibration_error(calibrated, y),
+    }
 
 
 def _validation_thresholds(

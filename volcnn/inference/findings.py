@@ -1,7 +1,11 @@
 """Findings (peaks of a heat map, in world mm) and a volume-level score.
 
 A finding is a local maximum of the probability heat map (3x3x3 neighbourhood) at or above a threshold.
-Candidates are ordered by probability and thinned by greedy non-maximum suppression on their distance in mm.
+Candidates are ordered by probability and thinned by greedy non-maximum suppression on their distance in mm: a
+fixed distance, or (``size_aware``) the larger of that distance and the radius of the kept peak's blob, the
+connected region where the map stays at or above half the peak (a large nodule lights up a large region, whose
+secondary peaks would otherwise be reported as findings of their own beside it). The blob also gives each finding
+an estimated ``diameter_mm`` (of the sphere of the blob's volume, at most :data:`MAX_BLOB_DIAMETER_MM`).
 The heat grid is coarse (typically 4 mm), so each peak is refined between grid points by a parabola through its
 neighbours along each axis; a saturated top (neighbouring grid points of exactly equal probability) is reported
 once, at its centroid.
@@ -17,9 +21,14 @@ import torch.nn.functional as F
 
 from volcnn.core.geometry import as_affine, voxel_to_world
 
-__all__ = ["SCORE_METHODS", "find_peaks", "local_maxima", "volume_score"]
+__all__ = ["MAX_BLOB_DIAMETER_MM", "NMS_METHODS", "SCORE_METHODS", "find_peaks", "local_maxima", "volume_score"]
 
 SCORE_METHODS = ("max", "topk_mean", "noisy_or")
+#: non-maximum suppression of :class:`~volcnn.inference.InferenceRunner`: by blob size and distance, or distance
+NMS_METHODS = ("size", "fixed")
+#: the largest blob diameter a finding is given (and suppresses within): the largest nodules of the setting
+#: (LUNA16 annotates up to ~32 mm); larger blobs are merged structures, not one nodule
+MAX_BLOB_DIAMETER_MM = 30.0
 
 
 def _as_grid(heat: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -65,6 +74,7 @@ def find_peaks(
     min_distance_mm: float = 10.0,
     max_findings: int = 20,
     subgrid: bool = True,
+    size_aware: bool = False,
 ) -> list[dict[str, Any]]:
     """Local maxima of ``heat`` at or above ``threshold``, most probable first, at least ``min_distance_mm`` apart.
 
@@ -78,35 +88,52 @@ def find_peaks(
         min_distance_mm: a peak closer than this to a more probable kept peak is suppressed.
         max_findings: at most this many findings.
         subgrid: refine positions between grid points (parabolic fit per axis).
+        size_aware: suppress within the kept peak's blob radius too, and report each finding's ``diameter_mm``.
 
     Returns:
-        ``[{"center_ras_mm": [x, y, z], "probability": p}, ...]``, mm rounded to 0.01, probability to 1e-4.
+        ``[{"center_ras_mm": [x, y, z], "probability": p}, ...]`` (plus ``"diameter_mm"`` when ``size_aware``),
+        mm rounded to 0.01, probability to 1e-4.
     """
-    world, prob = _peaks(_as_grid(heat), heat_affine, threshold, min_distance_mm, max_findings, subgrid)
-    return [
-        {"center_ras_mm": [round(float(v), 2) for v in w], "probability": round(float(p), 4)}
-        for w, p in zip(world, prob, strict=True)
-    ]
+    world, prob, diam = _peaks(
+        _as_grid(heat), heat_affine, threshold, min_distance_mm, max_findings, subgrid, size_aware
+    )
+    out: list[dict[str, Any]] = []
+    for w, p, d in zip(world, prob, diam, strict=True):
+        finding: dict[str, Any] = {"center_ras_mm": [round(float(v), 2) for v in w], "probability": round(float(p), 4)}
+        if size_aware:
+            finding["diameter_mm"] = round(float(d), 1)
+        out.append(finding)
+    return out
 
 
 def _peaks(
-    h: torch.Tensor, heat_affine: np.ndarray, threshold: float, min_distance_mm: float, max_findings: int, subgrid: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Kept peaks of :func:`find_peaks`: world mm ``(M, 3)`` and probabilities ``(M,)``, unrounded."""
+    h: torch.Tensor,
+    heat_affine: np.ndarray,
+    threshold: float,
+    min_distance_mm: float,
+    max_findings: int,
+    subgrid: bool,
+    size_aware: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kept peaks of :func:`find_peaks`: world mm ``(M, 3)``, probabilities ``(M,)`` and blob diameters in mm
+    ``(M,)`` (0 unless ``size_aware``), unrounded."""
     hn = h.numpy()
     is_max = local_maxima(h)
     idx = np.argwhere(is_max & (hn >= threshold))
     if len(idx) == 0 or max_findings <= 0:
-        return np.zeros((0, 3)), np.zeros(0, dtype=np.float32)
+        return np.zeros((0, 3)), np.zeros(0, dtype=np.float32), np.zeros(0)
     prob = hn[idx[:, 0], idx[:, 1], idx[:, 2]]
     smooth = F.avg_pool3d(h[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0].numpy()
     tie = smooth[idx[:, 0], idx[:, 1], idx[:, 2]]
     order = np.lexsort((-tie, -prob))  # by probability, then by neighbourhood mean; stable otherwise
     idx, prob = idx[order], prob[order]
     affine = as_affine(heat_affine)
+    cell_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
     seen = np.zeros(hn.shape, dtype=bool)
     kept_world: list[np.ndarray] = []
     kept_prob: list[float] = []
+    kept_reach: list[float] = []  # suppression radius of each kept peak
+    kept_diam: list[float] = []
     for point, p in zip(idx, prob, strict=True):
         if seen[tuple(point)]:
             continue  # part of a plateau already reported
@@ -116,13 +143,38 @@ def _peaks(
         else:
             pos = point + (_subgrid_offsets(hn, point[None])[0] if subgrid else 0.0)
         world = voxel_to_world(affine, pos)
-        if kept_world and np.min(np.linalg.norm(np.asarray(kept_world) - world, axis=1)) < min_distance_mm:
+        if kept_world and np.any(np.linalg.norm(np.asarray(kept_world) - world, axis=1) < np.asarray(kept_reach)):
             continue
+        diameter = _blob_diameter(hn, point, 0.5 * float(p), cell_mm3) if size_aware else 0.0
         kept_world.append(world)
         kept_prob.append(float(p))
+        kept_diam.append(diameter)
+        kept_reach.append(max(min_distance_mm, 0.5 * diameter))
         if len(kept_world) >= max_findings:
             break
-    return np.asarray(kept_world), np.asarray(kept_prob)
+    return np.asarray(kept_world), np.asarray(kept_prob), np.asarray(kept_diam)
+
+
+def _blob_diameter(h: np.ndarray, point: np.ndarray, level: float, cell_mm3: float) -> float:
+    """Diameter (mm) of the sphere of the volume of the 26-connected region of ``h >= level`` around ``point``,
+    at most :data:`MAX_BLOB_DIAMETER_MM` (the flood fill stops once the region is larger)."""
+    limit = int(np.ceil((np.pi / 6.0) * MAX_BLOB_DIAMETER_MM**3 / max(cell_mm3, 1e-9))) + 1
+    region = h >= level
+    seen = np.zeros(h.shape, dtype=bool)
+    shape = np.asarray(h.shape)
+    steps = np.argwhere(np.ones((3, 3, 3), dtype=bool)) - 1
+    stack, count = [np.asarray(point)], 0
+    seen[tuple(point)] = True
+    while stack and count < limit:
+        q = stack.pop()
+        count += 1
+        nb = q + steps
+        nb = nb[np.all((nb >= 0) & (nb < shape), axis=1)]
+        nb = nb[region[nb[:, 0], nb[:, 1], nb[:, 2]] & ~seen[nb[:, 0], nb[:, 1], nb[:, 2]]]
+        seen[nb[:, 0], nb[:, 1], nb[:, 2]] = True
+        stack.extend(nb)
+    diameter = (6.0 * count * cell_mm3 / np.pi) ** (1.0 / 3.0)
+    return float(min(diameter, MAX_BLOB_DIAMETER_MM))
 
 
 def _plateau(region: np.ndarray, start: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -177,7 +229,7 @@ def volume_score(
         raise ValueError(f"k must be >= 1, got {k}")
     affine = np.eye(4) if heat_affine is None else heat_affine
     positive = float(h[h > 0].min()) if bool((h > 0).any()) else 1.0
-    _, p = _peaks(h, affine, positive, min_distance_mm, k, subgrid=False)
+    _, p, _ = _peaks(h, affine, positive, min_distance_mm, k, subgrid=False)
     p = p.astype(np.float64)
     if method == "topk_mean":
         return float(p.sum() / k)

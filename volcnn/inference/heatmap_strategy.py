@@ -7,6 +7,11 @@ dense map of a network that relies on its patches' zero padding differs from wha
 window, so every dense map is checked against the window reference at a few points, and ``method="auto"`` falls
 back to the window method when they differ by more than ``dense_tolerance`` (and keeps to windows for the rest of
 the run: the disagreement comes from the network, not from the volume).
+
+With ``flips`` (test-time augmentation) the map is the mean of four: the volume as it is and mirrored along each
+axis, each mirrored map flipped back. The volume is first extended (replicating its last voxels, which is what
+every window reaching beyond it sees anyway) to ``(g - 1) * step + 1`` voxels per axis, so that mirroring maps the
+heat-map grid onto itself point for point; the check against windows runs on the unmirrored map only.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class HeatmapStrategy:
         dense_halo: context per dense tile (see :func:`~volcnn.inference.plan_dense`).
         tile_mb: memory budget of one dense tile.
         progress: tqdm bars.
+        flips: average the map over the volume mirrored along each axis (4 maps; see the module docstring).
 
     Raises:
         ValueError: an unknown ``method``, or ``method="dense"`` for a network that cannot be split.
@@ -79,6 +85,7 @@ class HeatmapStrategy:
         dense_halo: int | str = "window",
         tile_mb: float = DEFAULT_TILE_MB,
         progress: bool = False,
+        flips: bool = False,
     ) -> None:
         if method not in HEATMAP_METHODS:
             raise ValueError(f"unknown heat-map method {method!r}; choose one of {', '.join(HEATMAP_METHODS)}")
@@ -96,6 +103,7 @@ class HeatmapStrategy:
         self.dense_halo = dense_halo
         self.tile_mb = float(tile_mb)
         self.progress = bool(progress)
+        self.flips = bool(flips)
         self.split: SplitClassifier | None = None
         if method != "window":
             try:
@@ -120,8 +128,23 @@ class HeatmapStrategy:
         Returns:
             ``(heat, heat_affine, how)``: float32 ``(nx, ny, nz)``, float64 ``(4, 4)`` grid -> world RAS mm, and for
             ``findings.json`` ``{"method", "grid_step_vox"}`` plus, for a checked dense map,
-            ``"check": {"points", "max_abs_diff", "tolerance"}`` (``"dense_check"`` after a fallback).
+            ``"check": {"points", "max_abs_diff", "tolerance"}`` (``"dense_check"`` after a fallback), and
+            ``"flips": ["x", "y", "z"]`` with test-time flips.
         """
+        heat, heat_affine, how = self._one(image, case, check=True)
+        if not self.flips:
+            return heat, heat_affine, how
+        extended = _extend_to_grid(image, how["grid_step_vox"], heat.shape)
+        maps = [heat.astype(np.float64)]
+        for axis in range(3):
+            mirrored = _with_affine(torch.flip(extended, dims=[axis + 1]), image)
+            flipped, _, _ = self._one(mirrored, case, check=False)
+            maps.append(np.flip(flipped, axis=axis).astype(np.float64))
+        how["flips"] = ["x", "y", "z"]
+        return np.mean(maps, axis=0).astype(np.float32), heat_affine, how
+
+    def _one(self, image: torch.Tensor, case: str, check: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The map of one (possibly mirrored) image by the current method; the dense check only when ``check``."""
         if self.split is None:
             heat, heat_affine = self.window_heatmap(image)
             return heat, heat_affine, {"method": "window", "grid_step_vox": grid_step(image, heat_affine)}
@@ -144,7 +167,7 @@ class HeatmapStrategy:
         how: dict[str, Any] = {"method": "dense", "grid_step_vox": grid_step(image, heat_affine)}
         t_dense = time.perf_counter() - start - t_mask
         logger.debug("%s: body mask %.2f s, dense heat map %.2f s", case, t_mask, t_dense)
-        if self.dense_check_points > 0:
+        if check and self.dense_check_points > 0:
             heat, heat_affine, how = self._check(image, case, heat, heat_affine, how, mask)
         return heat, heat_affine, how
 
@@ -214,3 +237,26 @@ class HeatmapStrategy:
             stride_mm=self.stride_mm,
             skip_air=self.skip_air,
         )
+
+
+def _with_affine(data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``data`` as a MetaTensor with ``like``'s affine (only the voxel size is read from it downstream)."""
+    from monai.data import MetaTensor
+
+    out = MetaTensor(data.as_subclass(torch.Tensor) if isinstance(data, MetaTensor) else data)
+    if hasattr(like, "affine"):
+        out.affine = like.affine
+    return out
+
+
+def _extend_to_grid(image: torch.Tensor, step: list[int], grid_shape: tuple[int, ...]) -> torch.Tensor:
+    """``image`` ``(C, X, Y, Z)`` extended at the far end of each axis, by replicating its last voxels, to
+    ``(g - 1) * step + 1`` voxels, so that mirroring the volume mirrors its heat-map grid onto itself."""
+    data = image.as_subclass(torch.Tensor) if hasattr(image, "as_subclass") else image
+    pads: list[int] = []
+    for a in (2, 1, 0):  # F.pad lists the last axis first
+        target = (int(grid_shape[a]) - 1) * int(step[a]) + 1
+        pads += [0, max(0, target - int(data.shape[a + 1]))]
+    if not any(pads):
+        return data
+    return torch.nn.functional.pad(data[None], pads, mode="replicate")[0]

@@ -40,12 +40,13 @@ from volcnn.core.geometry import world_to_voxel
 from volcnn.core.options import as_bool
 from volcnn.explain import explain_findings
 from volcnn.inference.dense import DEFAULT_TILE_MB
-from volcnn.inference.findings import SCORE_METHODS, find_peaks, volume_score
+from volcnn.inference.findings import NMS_METHODS, SCORE_METHODS, find_peaks, volume_score
 from volcnn.inference.heatmap_strategy import HEATMAP_METHODS, HeatmapStrategy
 from volcnn.io.input_hash import input_sha256
 from volcnn.io.sources import case_name
 from volcnn.io.volume import load_volume
 from volcnn.io.writer import write_nifti
+from volcnn.models.calibration import Calibration
 from volcnn.transforms.resample import resample_to_grid
 from volcnn.transforms.volume_cache import preprocess_loaded, volume_transforms
 
@@ -67,8 +68,10 @@ class InferenceRunner:
         stride_mm: heat-map grid step in mm.
         batch_size: windows per forward pass.
         device: where the network runs (default: CUDA when available).
-        threshold: smallest probability reported as a finding.
+        threshold: smallest probability reported as a finding (after calibration, when there is one).
         min_distance_mm: non-maximum suppression distance between findings.
+        nms: ``"size"`` (default): a finding also suppresses weaker peaks within its blob's radius, and reports its
+            estimated ``diameter_mm``; ``"fixed"``: only ``min_distance_mm`` (see :func:`~volcnn.inference.find_peaks`).
         max_findings: findings per case at most.
         score: volume score method, one of ``max``, ``topk_mean``, ``noisy_or``.
         score_k: peaks combined by ``topk_mean`` / ``noisy_or``.
@@ -85,6 +88,12 @@ class InferenceRunner:
         dense_halo: context per tile of the dense method (see :func:`~volcnn.inference.plan_dense`).
         tile_mb: memory budget of one dense tile.
         resume: skip cases already done with the same input, model and settings.
+        calibration: the model's :class:`~volcnn.models.Calibration` (or its dict), applied to the heat map before
+            findings are read off; None: probabilities as the network gives them.
+        operating_threshold: the probability at or above which a finding is a positive call (recorded in
+            ``findings.json`` with the number of such findings; default ``threshold``). Findings below it down to
+            ``threshold`` are reported too, for FROC analysis and for readers who want a longer list.
+        flips: test-time augmentation: the heat map averaged over the volume mirrored along each axis (4 maps).
 
     Raises:
         ValueError: unknown ``score`` or ``method``, or ``method="dense"`` for a network that cannot be split.
@@ -115,9 +124,15 @@ class InferenceRunner:
         dense_halo: int | str = "window",
         tile_mb: float = DEFAULT_TILE_MB,
         resume: bool = True,
+        calibration: Calibration | Mapping[str, Any] | None = None,
+        operating_threshold: float | None = None,
+        nms: str = "size",
+        flips: bool = False,
     ) -> None:
         if score not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score!r}; choose one of {', '.join(SCORE_METHODS)}")
+        if nms not in NMS_METHODS:
+            raise ValueError(f"unknown nms {nms!r}; choose one of {', '.join(NMS_METHODS)}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = network.to(self.device).eval()
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -141,6 +156,14 @@ class InferenceRunner:
         self.dense_halo = dense_halo
         self.tile_mb = float(tile_mb)
         self.resume = as_bool(resume)
+        self.calibration = (
+            calibration
+            if calibration is None or isinstance(calibration, Calibration)
+            else Calibration.from_dict(calibration)
+        )
+        self.operating_threshold = self.threshold if operating_threshold is None else float(operating_threshold)
+        self.nms = nms
+        self.flips = as_bool(flips)
         self.explain = 0  # explain the N most probable findings per case (set by ``volcnn infer --explain N``)
         self.explain_method = "gradcam"
         self.explain_layer: str | None = None
@@ -159,6 +182,7 @@ class InferenceRunner:
             dense_halo=dense_halo,
             tile_mb=self.tile_mb,
             progress=self.progress,
+            flips=self.flips,
         )
         self._chain = volume_transforms("image", self.pixdim, self.hu_window)
 
@@ -182,6 +206,10 @@ class InferenceRunner:
             "dense_tolerance": self.dense_tolerance,
             "dense_halo": self.dense_halo,
             "tile_mb": self.tile_mb,
+            "nms": self.nms,
+            "operating_threshold": self.operating_threshold,
+            "flips": self.flips,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
         normalised: dict[str, Any] = json.loads(json.dumps(settings))
         return normalised
@@ -257,8 +285,10 @@ class InferenceRunner:
         handed = [vol]
         del vol  # preprocess_loaded drops the last reference once the chain's loader has the volume
         image = preprocess_loaded(self._chain, handed)
-        heat, heat_affine, how = self.heatmap(image, case)
-        findings = find_peaks(heat, heat_affine, self.threshold, self.min_distance_mm, self.max_findings)
+        raw_heat, heat_affine, how = self.heatmap(image, case)
+        findings = self._findings(raw_heat, heat_affine)
+        heat = raw_heat if self.calibration is None else self.calibration.apply(raw_heat)
+        del raw_heat
         for f in findings:
             voxel = np.rint(world_to_voxel(affine, f["center_ras_mm"])).astype(int)
             f["center_voxel"] = np.clip(voxel, 0, np.asarray(shape) - 1).tolist()
@@ -280,6 +310,9 @@ class InferenceRunner:
             "input_sha256": digest,
             "stride_mm": self.stride_mm,
             "threshold": self.threshold,
+            "operating_threshold": self.operating_threshold,
+            "n_at_operating_threshold": sum(f["probability"] >= self.operating_threshold for f in findings),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "heatmap": how,
             "settings": self.settings,
         }
@@ -287,6 +320,22 @@ class InferenceRunner:
             doc["explanations"] = explanations
         atomic_write_json(case_dir / "findings.json", doc)
         return {"case": case, "score": doc["score"], "n_findings": len(findings), "max_probability": max_probability}
+
+    def _findings(self, raw_heat: np.ndarray, heat_affine: np.ndarray) -> list[dict[str, Any]]:
+        """Peaks of the uncalibrated map (the calibration is monotonic: the same peaks, positions and blobs) at or
+        above the threshold's uncalibrated value, each with its calibrated ``probability`` and, when calibrated,
+        ``probability_uncalibrated``."""
+        cal = self.calibration
+        threshold = self.threshold if cal is None else cal.invert(self.threshold)
+        findings = find_peaks(
+            raw_heat, heat_affine, threshold, self.min_distance_mm, self.max_findings, size_aware=self.nms == "size"
+        )
+        if cal is not None:
+            for f in findings:
+                raw = f["probability"]
+                f["probability"] = round(float(cal.apply(np.float64(raw))), 4)
+                f["probability_uncalibrated"] = raw
+        return findings
 
     def _explain(
         self,

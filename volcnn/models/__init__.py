@@ -1,5 +1,5 @@
 """Model I/O in one place: weights (weights-only loading, model identity), a bundle's network and description,
-and exported models (TorchScript, ONNX) with the settings embedded in them."""
+its probability calibration, and exported models (TorchScript, ONNX) with the settings embedded in them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from volcnn.models.bundle_config import (
     load_bundle_network,
     parser_from,
 )
+from volcnn.models.calibration import CALIBRATION_FILE, Calibration, CalibrationError, fit_platt, read_calibration
 from volcnn.models.exported import (
     EXPORTED_SUFFIXES,
     METADATA_KEY,
@@ -25,7 +26,10 @@ from volcnn.models.exported import (
 from volcnn.models.weights import WEIGHT_KEYS, load_weights, model_info, read_state_dict, weights_key
 
 __all__ = [
+    "CALIBRATION_FILE",
     "CONFIG_FILE",
+    "Calibration",
+    "CalibrationError",
     "EXPORTED_SUFFIXES",
     "META_FILE",
     "METADATA_KEY",
@@ -37,11 +41,13 @@ __all__ = [
     "bundle_overrides",
     "bundle_parser",
     "describe_bundle",
+    "fit_platt",
     "load_bundle_network",
     "load_exported",
     "load_weights",
     "model_info",
     "parser_from",
+    "read_calibration",
     "read_description",
     "read_state_dict",
     "weights_key",
