@@ -75,7 +75,10 @@ def test_each_torchrun_process_gets_its_own_gpu(monkeypatch):
     assert rank_device(None) is None and rank_device("cuda") == "cuda"  # one process: unchanged
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     assert [rank_device(d) for d in (None, "cuda", "cuda:0", "cpu")] == ["cuda:1", "cuda:1", "cuda:0", "cpu"]
+    monkeypatch.setenv("LOCAL_RANK", "3")  # 4 processes on 2 GPUs: two on each
+    assert rank_device(None) == "cuda:1"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert rank_device(None) is None and rank_device("cpu") == "cpu"
 

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device",
         default=None,
         help="cpu, cuda, cuda:1 (default: cuda when available; under torchrun, cuda means each process's own GPU, "
-        "cuda:LOCAL_RANK)",
+        "LOCAL_RANK modulo the GPU count)",
     )
     p.add_argument("--stride-mm", type=float, default=None, help="heat-map stride in mm (default: the bundle's)")
     p.add_argument(
@@ -88,8 +88,9 @@ def infer(
         overrides: bundle config ids (``device``, ``stride_mm``...); with ``model``: ``InferenceRunner`` arguments.
 
     Under torchrun (``WORLD_SIZE`` > 1) each process runs its share of ``inputs`` (input ``i`` on rank
-    ``i % WORLD_SIZE``) on its own device (GPU ``LOCAL_RANK`` when CUDA is there and ``device`` is unset or
-    ``cuda``); set-up logs and progress bars come from rank 0 only, each case's line from the rank that ran it.
+    ``i % WORLD_SIZE``) on its own device (GPU ``LOCAL_RANK``, modulo the GPU count, when CUDA is there and
+    ``device`` is unset or ``cuda``); set-up logs and progress bars come from rank 0 only, each case's line from
+    the rank that ran it.
 
     Returns:
         0 when every input was processed; 1 when some failed (listed in ``OUT/failures.json``, the rest were

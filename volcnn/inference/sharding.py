@@ -106,11 +106,13 @@ def torchrun_shard() -> Iterator[Shard | None]:
 
 
 def rank_device(device: str | None) -> str | None:
-    """The device this process runs on: under torchrun on a CUDA machine, GPU ``LOCAL_RANK`` when no device or a
-    plain ``"cuda"`` was asked for (one GPU per process, not all on GPU 0); otherwise ``device`` as given (``None``:
-    the runner's default). Without torchrun, always ``device``: one process behaves as it always did."""
+    """The device this process runs on: under torchrun on a CUDA machine, GPU ``LOCAL_RANK`` modulo the GPU count
+    when no device or a plain ``"cuda"`` was asked for (one GPU per process rather than all on GPU 0; more processes
+    than GPUs share them round robin, which keeps a GPU busy while its processes read and resample CTs); otherwise
+    ``device`` as given (``None``: the runner's default). Without torchrun, always ``device``: one process behaves as
+    it always did."""
     if launched_world_size() < 2 or not torch.cuda.is_available():
         return device
     if device is None or device == "cuda":
-        return f"cuda:{local_rank()}"
+        return f"cuda:{local_rank() % max(torch.cuda.device_count(), 1)}"
     return device
