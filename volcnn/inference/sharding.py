@@ -5,11 +5,12 @@ inputs of its :class:`Shard` (input ``i`` on rank ``i % N``) and writes their ca
 gathers every rank's per-input results, so each returns the whole batch's outcome (and the same exit code), and
 rank 0 alone writes ``summary.csv`` and ``failures.json`` (:meth:`volcnn.inference.InferenceRunner.run`).
 
-Only Python objects cross between the processes, once, after the last case: a gloo group carries them on the CPU
-on any machine, GPU or not, and needs no device of its own (NCCL would need one per rank, and its watchdog aborts a
-rank that waits long). A rank that finishes its shard early waits at that gather for the slowest: the group's
-timeout is :data:`GATHER_TIMEOUT` rather than torch's 30 minutes, which shards of an archive can differ by. A rank
-that dies does not leave the others waiting: torchrun stops the whole job.
+Only small Python objects cross between the processes, twice (a check that all were given the same inputs, at the
+start, and the results, after the last case): a gloo group carries them on the CPU on any machine, GPU or not, and
+needs no device of its own (NCCL would need one per rank, and its watchdog aborts a rank that waits long). A rank
+that finishes its shard early waits at the last gather for the slowest: the group's timeout is
+:data:`GATHER_TIMEOUT` rather than torch's 30 minutes, which shards of an archive can differ by. A rank that dies
+does not leave the others waiting: torchrun stops the whole job.
 """
 
 from __future__ import annotations
