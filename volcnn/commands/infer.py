@@ -1,4 +1,9 @@
-"""``volcnn infer``: heat map, findings and volume score for whole volumes, with a bundle or an exported model."""
+"""``volcnn infer``: heat map, findings and volume score for whole volumes, with a bundle or an exported model.
+
+Started under ``torchrun --nproc_per_node N`` (GPUs, or CPU processes), the N processes share the inputs: each runs
+its own cases on its own device and rank 0 writes the batch's ``summary.csv`` and ``failures.json`` once all have
+finished (:mod:`volcnn.inference.sharding`).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--explain-method", default="gradcam", help="gradcam (default), gradcampp or occlusion")
     p.add_argument("--explain-layer", default=None, help="Grad-CAM layer (default: chosen per network)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 (default: cuda when available; under torchrun, cuda means each process's own GPU, "
+        "LOCAL_RANK modulo the GPU count)",
+    )
     p.add_argument("--stride-mm", type=float, default=None, help="heat-map stride in mm (default: the bundle's)")
     p.add_argument(
         "--heatmap-method",
@@ -77,16 +87,23 @@ def infer(
         explain: explain the N most probable findings per case (Grad-CAM by default; bundle models only).
         overrides: bundle config ids (``device``, ``stride_mm``...); with ``model``: ``InferenceRunner`` arguments.
 
+    Under torchrun (``WORLD_SIZE`` > 1) each process runs its share of ``inputs`` (input ``i`` on rank
+    ``i % WORLD_SIZE``) on its own device (GPU ``LOCAL_RANK``, modulo the GPU count, when CUDA is there and
+    ``device`` is unset or ``cuda``); set-up logs and progress bars come from rank 0 only, each case's line from
+    the rank that ran it.
+
     Returns:
         0 when every input was processed; 1 when some failed (listed in ``OUT/failures.json``, the rest were
-        processed).
+        processed). Under torchrun every rank returns the code of the whole batch.
 
     Raises:
         UsageError: no inputs, bundle folder, config or model missing, an unusable bundle, model or output folder, a
             bad ``--explain`` option (exit 2).
     """
+    from volcnn.core.ranks import launched_world_size, quiet_unless_rank0
     from volcnn.explain import EXPLAIN_METHODS
     from volcnn.inference import exported_runner, load_bundle_runner
+    from volcnn.inference.sharding import rank_device, torchrun_shard
 
     if not inputs:
         raise UsageError("no inputs given: pass NIfTI files or DICOM series folders")
@@ -98,11 +115,15 @@ def infer(
         if explain_method not in EXPLAIN_METHODS:
             known = ", ".join(EXPLAIN_METHODS)
             raise UsageError(f"unknown explanation method {explain_method!r}; choose one of {known}")
+    sharded = launched_world_size() > 1
+    if sharded:
+        overrides = _rank_overrides(overrides, rank_device(overrides.get("device")))
     try:
-        if model is not None:
-            runner = exported_runner(existing_file(model, "model file"), **overrides)
-        else:
-            runner = load_bundle_runner(existing_dir(str(bundle), "bundle folder"), **overrides)
+        with quiet_unless_rank0(sharded):  # every rank loads the same model and says so
+            if model is not None:
+                runner = exported_runner(existing_file(model, "model file"), **overrides)
+            else:
+                runner = load_bundle_runner(existing_dir(str(bundle), "bundle folder"), **overrides)
     except UsageError:
         raise
     except FileNotFoundError as e:
@@ -110,12 +131,36 @@ def infer(
     except Exception as e:
         raise UsageError(f"{bundle or model}: cannot build the inference runner ({type(e).__name__}: {e})") from e
     runner.explain, runner.explain_method, runner.explain_layer = int(explain), explain_method, explain_layer
-    try:
-        result = runner.run(list(inputs), out_dir)
-    except OSError as e:
-        raise UsageError(f"{out_dir}: cannot write outputs ({e})") from e
+    with torchrun_shard() as shard:
+        if shard is not None:
+            mine = len(shard.indices(len(inputs)))
+            logger.info("rank %d of %d: %d of the %d inputs, on %s", shard.rank, shard.world, mine, len(inputs),
+                        runner.device)  # fmt: skip
+        try:
+            result = runner.run(list(inputs), out_dir, shard=shard)
+        except OSError as e:
+            raise UsageError(f"{out_dir}: cannot write outputs ({e})") from e
+        rank0 = shard is None or shard.rank == 0
     n_bad = len(result["failures"])
     if n_bad:
-        logger.warning("%d of %d inputs failed; see %s", n_bad, len(inputs), Path(out_dir) / "failures.json")
+        if rank0:
+            logger.warning("%d of %d inputs failed; see %s", n_bad, len(inputs), Path(out_dir) / "failures.json")
         return 1
     return 0
+
+
+def _rank_overrides(overrides: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """Overrides for one process of a torchrun job: its own device (made the current CUDA device, so that nothing
+    lands on GPU 0 by default), and no progress bars except rank 0's (N bars would garble one terminal)."""
+    import torch
+
+    from volcnn.core.ranks import process_rank
+
+    out = dict(overrides)
+    if device is not None:
+        out["device"] = device
+        if torch.device(device).type == "cuda" and torch.cuda.is_available():
+            torch.cuda.set_device(torch.device(device))
+    if process_rank() != 0:
+        out["progress"] = False
+    return out

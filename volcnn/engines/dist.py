@@ -1,33 +1,18 @@
-"""Which process is this under torch.distributed / torchrun: rank 0 logs, writes checkpoints and TensorBoard."""
+"""Which process is this under torch.distributed / torchrun: rank 0 logs, writes checkpoints and TensorBoard.
+
+``process_rank``, ``world_size`` and ``is_rank0`` live in :mod:`volcnn.core.ranks` (inference asks them too, without
+importing training code); they are re-exported here under their old names.
+"""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from volcnn.core.ranks import is_rank0, process_rank, world_size
+
 __all__ = ["process_rank", "world_size", "is_rank0", "rank_seed", "BroadcastBuffers"]
-
-
-def process_rank() -> int:
-    """This process's global rank: from torch.distributed when initialised, else torchrun's ``RANK``, else 0."""
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def world_size() -> int:
-    """How many processes train together: from torch.distributed when initialised, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size())
-    return 1
-
-
-def is_rank0() -> bool:
-    """``True`` on the process that logs and writes files (rank 0, or the only process)."""
-    return process_rank() == 0
 
 
 def rank_seed(seed: object) -> int | None:

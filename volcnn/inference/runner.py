@@ -39,9 +39,11 @@ from volcnn.core.atomic import atomic_write_json, atomic_write_text
 from volcnn.core.geometry import world_to_voxel
 from volcnn.core.options import as_bool
 from volcnn.explain import explain_findings
+from volcnn.inference.cases import case_names
 from volcnn.inference.dense import DEFAULT_TILE_MB
 from volcnn.inference.findings import NMS_METHODS, SCORE_METHODS, find_peaks, volume_score
 from volcnn.inference.heatmap_strategy import HEATMAP_METHODS, HeatmapStrategy
+from volcnn.inference.sharding import Shard
 from volcnn.io.input_hash import input_sha256
 from volcnn.io.sources import case_name
 from volcnn.io.volume import load_volume
@@ -214,54 +216,93 @@ class InferenceRunner:
         normalised: dict[str, Any] = json.loads(json.dumps(settings))
         return normalised
 
-    def run(self, inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    def run(
+        self,
+        inputs: Sequence[str | os.PathLike[str]],
+        out_dir: str | os.PathLike[str],
+        *,
+        shard: Shard | None = None,
+    ) -> dict[str, Any]:
         """Process every input; a failing input is recorded and the batch continues.
+
+        Args:
+            inputs: the batch.
+            out_dir: where case folders, ``summary.csv`` and ``failures.json`` go.
+            shard: this process's part of the batch when several processes share it (see
+                :func:`~volcnn.inference.sharding.torchrun_shard`): it runs only the inputs of
+                :meth:`Shard.indices <volcnn.inference.sharding.Shard.indices>`, then, once every rank has finished,
+                rank 0 writes ``summary.csv`` and ``failures.json`` for the whole batch (rows in input order, as one
+                process writes them; one process rewrites them after every case instead). Every rank must call
+                ``run`` with the same ``inputs``. Case names are decided over the whole list either way
+                (:func:`~volcnn.inference.cases.case_names`), so the folders do not depend on the number of processes.
 
         Returns:
             ``{"processed": [{"input", "case", "score", "n_findings", "max_probability"}, ...],
-            "failures": [{"input", "error"}, ...], "skipped": [case, ...]}``; skipped cases (done by an earlier
-            run, see :meth:`process`) are in ``processed`` too.
+            "failures": [{"input", "error"}, ...], "skipped": [case, ...]}`` for the whole batch (with ``shard``: on
+            every rank, from all ranks); skipped cases (done by an earlier run, see :meth:`process`) are in
+            ``processed`` too.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        processed: list[dict[str, Any]] = []
-        failures: list[dict[str, str]] = []
-        skipped: list[str] = []
-        rows: list[dict[str, Any]] = []
-        used: set[str] = set()
-        for n, path in enumerate(inputs, 1):
-            case = _unique(case_name(path), used)
-            start = time.perf_counter()
-            try:
-                digest = input_sha256(path) if Path(path).exists() else None
-                done = self._finished(out / case, digest) if self.resume and digest else None
-                if done is not None:
-                    logger.info("[%d/%d] %s: skipped (done)", n, len(inputs), case)
-                    skipped.append(case)
-                    processed.append({"input": str(path), **done})
-                    rows.append({**{k: done[k] for k in SUMMARY_FIELDS[1:4]}, "case": case, "status": "ok"})
-                    _write_reports(out, rows, failures)
-                    continue
-                result = self.process(path, out / case, case, digest=digest)
-            except Exception as e:  # one bad input must not stop the batch
-                message = str(e) if str(path) in str(e) else f"{path}: {type(e).__name__}: {e}"
-                logger.error("[%d/%d] %s failed: %s", n, len(inputs), case, message)
-                logger.debug("traceback", exc_info=True)
-                failures.append({"input": str(path), "error": message})
-                rows.append({"case": case, "status": "failed"})
-                for stale in ("heatmap.nii.gz", "findings.json"):  # never leave an earlier run's outputs behind
-                    (out / case / stale).unlink(missing_ok=True)
-            else:
-                logger.info(
-                    "[%d/%d] %s: score %.4f, %d findings (%.1f s)",
-                    *(n, len(inputs), case, result["score"], result["n_findings"], time.perf_counter() - start),
-                )
-                processed.append({"input": str(path), **result})
-                rows.append({**{k: result[k] for k in SUMMARY_FIELDS[1:4]}, "case": case, "status": "ok"})
-            _write_reports(out, rows, failures)
-        if not inputs:
-            _write_reports(out, rows, failures)
-        return {"processed": processed, "failures": failures, "skipped": skipped}
+        if shard is not None:
+            shard.check_same_inputs(inputs)
+        cases = case_names(inputs)
+        outcomes: list[dict[str, Any]] = []  # one per input run here, in input order
+        for i in range(len(inputs)) if shard is None else shard.indices(len(inputs)):
+            outcomes.append(self._run_one(i, inputs, cases[i], out))
+            if shard is None:
+                _write_reports(out, outcomes)
+        if shard is not None:
+            outcomes = sorted((o for part in shard.gather(outcomes) for o in part), key=lambda o: o["index"])
+            if [o["index"] for o in outcomes] != list(range(len(inputs))):  # the split is broken: say so, loudly
+                raise RuntimeError(f"the ranks ran inputs {[o['index'] for o in outcomes]} of {len(inputs)}")
+            if shard.rank == 0:
+                _write_reports(out, outcomes)
+        elif not inputs:
+            _write_reports(out, outcomes)
+        return {
+            "processed": [o["processed"] for o in outcomes if o["processed"] is not None],
+            "failures": [o["failure"] for o in outcomes if o["failure"] is not None],
+            "skipped": [o["row"]["case"] for o in outcomes if o["skipped"]],
+        }
+
+    def _run_one(self, i: int, inputs: Sequence[str | os.PathLike[str]], case: str, out: Path) -> dict[str, Any]:
+        """Input ``i``: skipped when done before, else :meth:`process`; an error is logged and recorded.
+
+        Returns:
+            ``{"index": i, "row": summary.csv row, "processed": run's entry or None, "failure": {"input", "error"}
+            or None, "skipped": bool}`` (picklable: ranks exchange them).
+        """
+        path, n, total = inputs[i], i + 1, len(inputs)
+        outcome: dict[str, Any] = {"index": i, "processed": None, "failure": None, "skipped": False}
+        if case != case_name(path):
+            logger.warning("case name %s is taken by an earlier input; writing this one as %s", case_name(path), case)
+        start = time.perf_counter()
+        try:
+            digest = input_sha256(path) if Path(path).exists() else None
+            done = self._finished(out / case, digest) if self.resume and digest else None
+            if done is not None:
+                logger.info("[%d/%d] %s: skipped (done)", n, total, case)
+                row = {**{k: done[k] for k in SUMMARY_FIELDS[1:4]}, "case": case, "status": "ok"}
+                return {**outcome, "row": row, "processed": {"input": str(path), **done}, "skipped": True}
+            result = self.process(path, out / case, case, digest=digest)
+        except Exception as e:  # one bad input must not stop the batch
+            message = str(e) if str(path) in str(e) else f"{path}: {type(e).__name__}: {e}"
+            logger.error("[%d/%d] %s failed: %s", n, total, case, message)
+            logger.debug("traceback", exc_info=True)
+            for stale in ("heatmap.nii.gz", "findings.json"):  # never leave an earlier run's outputs behind
+                (out / case / stale).unlink(missing_ok=True)
+            return {
+                **outcome,
+                "row": {"case": case, "status": "failed"},
+                "failure": {"input": str(path), "error": message},
+            }
+        logger.info(
+            "[%d/%d] %s: score %.4f, %d findings (%.1f s)",
+            *(n, total, case, result["score"], result["n_findings"], time.perf_counter() - start),
+        )
+        row = {**{k: result[k] for k in SUMMARY_FIELDS[1:4]}, "case": case, "status": "ok"}
+        return {**outcome, "row": row, "processed": {"input": str(path), **result}}
 
     def process(
         self, path: str | os.PathLike[str], case_dir: str | os.PathLike[str], case: str, digest: str | None = None
@@ -378,21 +419,12 @@ class InferenceRunner:
             return None
 
 
-def _unique(name: str, used: set[str]) -> str:
-    out, i = name, 1
-    while out in used:
-        i += 1
-        out = f"{name}-{i}"
-    if out != name:
-        logger.warning("case name %s is taken by an earlier input; writing this one as %s", name, out)
-    used.add(out)
-    return out
-
-
-def _write_reports(out: Path, rows: list[dict[str, Any]], failures: list[dict[str, str]]) -> None:
+def _write_reports(out: Path, outcomes: list[dict[str, Any]]) -> None:
+    """``summary.csv`` and ``failures.json`` of the inputs in ``outcomes`` (see :meth:`InferenceRunner._run_one`),
+    in their order, each file replaced atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, restval="", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(o["row"] for o in outcomes)
     atomic_write_text(out / "summary.csv", buf.getvalue())
-    atomic_write_json(out / "failures.json", failures)
+    atomic_write_json(out / "failures.json", [o["failure"] for o in outcomes if o["failure"] is not None])
