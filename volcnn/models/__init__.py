@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from volcnn.models.bundle_config import (
     CONFIG_FILE,
+    INFERENCE_MODES,
     META_FILE,
     bundle_overrides,
     bundle_parser,
+    check_mode,
     describe_bundle,
     load_bundle_network,
     parser_from,
@@ -27,6 +29,7 @@ from volcnn.models.weights import WEIGHT_KEYS, load_weights, model_info, read_st
 __all__ = [
     "CONFIG_FILE",
     "EXPORTED_SUFFIXES",
+    "INFERENCE_MODES",
     "META_FILE",
     "METADATA_KEY",
     "WEIGHT_KEYS",
@@ -36,6 +39,7 @@ __all__ = [
     "TorchScriptModel",
     "bundle_overrides",
     "bundle_parser",
+    "check_mode",
     "describe_bundle",
     "load_bundle_network",
     "load_exported",
