@@ -129,6 +129,8 @@ def test_settings_are_the_runner_arguments(exported) -> None:
             "patch_size": (16, 16, 16),
             "pixdim": (1.5, 1.5, 1.5),
             "hu_window": (-1000.0, 500.0),
+            "mode": "candidate",
+            "margin": 8,
             "model_info": {"name": meta["name"], "version": meta["version"], "sha256": file_sha256(path)},
         }
         assert set(settings) <= set(inspect.signature(InferenceRunner).parameters)

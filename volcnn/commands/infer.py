@@ -1,4 +1,5 @@
-"""``volcnn infer``: heat map, findings and volume score for whole volumes, with a bundle or an exported model.
+"""``volcnn infer``: heat map, findings and volume score for whole volumes, with a bundle or an exported model; one
+probability per volume for a model trained on whole volumes (volume mode, stated by the bundle or the export).
 
 Started under ``torchrun --nproc_per_node N`` (GPUs, or CPU processes), the N processes share the inputs: each runs
 its own cases on its own device and rank 0 writes the batch's ``summary.csv`` and ``failures.json`` once all have
@@ -16,7 +17,7 @@ from volcnn.commands._paths import existing_dir, existing_file
 from volcnn.core.errors import UsageError
 
 NAME = "infer"
-HELP = "heat map, findings and score for whole volumes with a trained bundle"
+HELP = "heat map, findings and score for whole volumes with a trained bundle (volume-mode models: one probability)"
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="bundle folder with configs/ and models/model.pt")
     src.add_argument("--model", help="an exported model (models/model.ts or models/model.onnx) run alone")
-    p.add_argument("--out", required=True, help="output folder: OUT/<case>/heatmap.nii.gz, findings.json, summary.csv")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: OUT/<case>/findings.json (and heatmap.nii.gz in candidate mode), summary.csv",
+    )
     p.add_argument(
         "--explain",
         type=int,
         default=0,
         metavar="N",
-        help="explain the N most probable findings per case: OUT/<case>/findingKK_METHOD.nii.gz and .png",
+        help="explain the N most probable findings per case: OUT/<case>/findingKK_METHOD.nii.gz and .png; for a "
+        "volume-mode model any N >= 1 explains the whole volume: OUT/<case>/volume_METHOD.nii.gz and .png",
     )
     p.add_argument("--explain-method", default="gradcam", help="gradcam (default), gradcampp or occlusion")
     p.add_argument("--explain-layer", default=None, help="Grad-CAM layer (default: chosen per network)")
@@ -41,13 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="cpu, cuda, cuda:1 (default: cuda when available; under torchrun, cuda means each process's own GPU, "
         "LOCAL_RANK modulo the GPU count)",
     )
-    p.add_argument("--stride-mm", type=float, default=None, help="heat-map stride in mm (default: the bundle's)")
+    p.add_argument(
+        "--stride-mm", type=float, default=None, help="heat-map stride in mm (default: the bundle's; candidate mode)"
+    )
     p.add_argument(
         "--heatmap-method",
         choices=("auto", "dense", "window"),
         default=None,
         help="dense: one trunk pass over the CT; window: each window through the whole network (the reference); "
-        "auto: dense where its check against windows passes (default: the bundle's; exported models: window)",
+        "auto: dense where its check against windows passes (default: the bundle's; exported models: window; "
+        "candidate mode only)",
     )
     p.add_argument(
         "inputs",
@@ -82,9 +91,10 @@ def infer(
     Args:
         bundle: a bundle folder (``configs/inference.json`` + ``models/model.pt``).
         model: an exported model (``.ts`` or ``.onnx`` from ``volcnn export``) run alone, without a bundle; its
-            preprocessing settings are embedded. Heat maps then use the window method (an exported graph cannot
-            be split into trunk and head).
-        explain: explain the N most probable findings per case (Grad-CAM by default; bundle models only).
+            preprocessing settings and mode are embedded. Heat maps then use the window method (an exported graph
+            cannot be split into trunk and head).
+        explain: explain the N most probable findings per case (Grad-CAM by default; bundle models only); in
+            volume mode any N >= 1 writes the one explanation of the whole volume.
         overrides: bundle config ids (``device``, ``stride_mm``...); with ``model``: ``InferenceRunner`` arguments.
 
     Under torchrun (``WORLD_SIZE`` > 1) each process runs its share of ``inputs`` (input ``i`` on rank
@@ -131,6 +141,9 @@ def infer(
     except Exception as e:
         raise UsageError(f"{bundle or model}: cannot build the inference runner ({type(e).__name__}: {e})") from e
     runner.explain, runner.explain_method, runner.explain_layer = int(explain), explain_method, explain_layer
+    ignored = sorted(k for k in ("stride_mm", "heatmap_method") if k in overrides)
+    if runner.mode == "volume" and ignored:
+        logger.warning("%s: a volume-mode model makes no heat map; %s ignored", bundle or model, ", ".join(ignored))
     with torchrun_shard() as shard:
         if shard is not None:
             mine = len(shard.indices(len(inputs)))

@@ -1,5 +1,6 @@
 """Explanations of findings: Grad-CAM / Grad-CAM++ / occlusion saliency on the classifier's patch, written on the
-input's own grid (NIfTI) and as a PNG of three orthogonal slices.
+input's own grid (NIfTI) and as a PNG of three orthogonal slices; in volume mode one map for the whole volume
+(:func:`explain_volume`).
 
 Typical use, for the top findings of one case::
 
@@ -29,12 +30,14 @@ from volcnn.explain.output import (
     write_explanation,
 )
 from volcnn.explain.render import render_explanation_png, to_ras
+from volcnn.explain.volume import VOLUME_EXPLANATION_NAME, explain_volume, write_volume_explanation
 
 __all__ = [
     "EXPLAIN_METHODS",
     "METHOD_LABELS",
     "MIN_CAM_GRID",
     "PADDING_MODES",
+    "VOLUME_EXPLANATION_NAME",
     "Explainer",
     "Explanation",
     "candidate_layers",
@@ -42,9 +45,11 @@ __all__ = [
     "default_target_layer",
     "explain_finding",
     "explain_findings",
+    "explain_volume",
     "log_odds",
     "paste_to_grid",
     "render_explanation_png",
     "to_ras",
     "write_explanation",
+    "write_volume_explanation",
 ]

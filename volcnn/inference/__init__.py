@@ -1,5 +1,6 @@
 """Whole-volume inference: classifier heat maps (window by window or dense), body masks, findings in world mm,
-volume scores, and the batch runner that writes them per case.
+volume scores, and the batch runner that writes them per case (candidate mode); one prediction per volume for models
+trained on whole volumes (volume mode, :mod:`volcnn.inference.volume_mode`).
 
 Imports no training code (:mod:`volcnn.engines`) and no evaluation code (:mod:`volcnn.evaluation`); the model comes
 from :mod:`volcnn.models`."""
@@ -26,18 +27,21 @@ from volcnn.inference.heatmap import (
 )
 from volcnn.inference.heatmap_strategy import HEATMAP_METHODS, HeatmapStrategy
 from volcnn.inference.loading import exported_runner, load_bundle_runner
-from volcnn.inference.runner import InferenceRunner
+from volcnn.inference.runner import INFERENCE_MODES, InferenceRunner
+from volcnn.inference.volume_mode import VolumeModeProcessor
 
 __all__ = [
     "AIR_THRESHOLD",
     "BODY_THRESHOLD_HU",
     "DEFAULT_TILE_MB",
     "HEATMAP_METHODS",
+    "INFERENCE_MODES",
     "SCORE_METHODS",
     "DensePlan",
     "HeatmapStrategy",
     "InferenceRunner",
     "SplitClassifier",
+    "VolumeModeProcessor",
     "body_mask",
     "classifier_heatmap",
     "dense_heatmap",

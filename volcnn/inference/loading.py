@@ -25,8 +25,10 @@ def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> 
     Args:
         bundle_dir: the bundle root.
         overrides: config ids to replace, e.g. ``device="cpu"``, ``stride_mm=8.0``, ``network_def="resnet18"``,
-            ``heatmap_method="window"``. ``heatmap_method`` (``auto``, ``dense``, ``window``; from the config when it
-            has the key) becomes the runner's ``method`` even when the config's ``runner`` does not name it.
+            ``heatmap_method="window"``, ``mode="volume"``. ``heatmap_method`` (``auto``, ``dense``, ``window``),
+            ``mode`` (``candidate``, ``volume``) and ``margin``, taken from the config when it has the key, reach
+            the runner even when the config's ``runner`` does not name them (a config that predates them); a
+            config without ``mode`` is candidate mode.
 
     Raises:
         FileNotFoundError: naming the missing config or checkpoint.
@@ -34,8 +36,9 @@ def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> 
     """
     root = Path(bundle_dir)
     parser = bundle_parser(root, overrides=overrides)
-    if "heatmap_method" in parser and "method" not in parser["runner"]:  # a config that predates the key
-        parser["runner#method"] = "@heatmap_method"
+    for key, arg in (("heatmap_method", "method"), ("mode", "mode"), ("margin", "margin")):
+        if key in parser and arg not in parser["runner"]:  # a config that predates the key
+            parser[f"runner#{arg}"] = f"@{key}"
     ckpt = Path(str(parser.get_parsed_content("ckpt_path")))
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: model weights not found; train the bundle or copy its state dict there")
@@ -54,7 +57,8 @@ def exported_runner(model: str | os.PathLike[str], **overrides: Any) -> Inferenc
     Args:
         model: the exported file.
         overrides: :class:`InferenceRunner` arguments (``device``, ``stride_mm``...); ``heatmap_method`` may only be
-            ``window`` (an exported graph cannot be split into trunk and head).
+            ``window`` (an exported graph cannot be split into trunk and head). The ``mode`` comes from the file's
+            description (a volume-mode model runs in volume mode).
 
     Raises:
         ValueError: ``heatmap_method="dense"``.

@@ -14,7 +14,10 @@ interrupted batch resumes where it stopped); ``findings.json`` is written last a
 for a finished case.
 
 Heat maps are made densely where the network allows and agrees with its windows, window by window otherwise
-(:class:`~volcnn.inference.heatmap_strategy.HeatmapStrategy`). Outputs carry only the file or folder name of an
+(:class:`~volcnn.inference.heatmap_strategy.HeatmapStrategy`). That is candidate mode, for models trained on patches
+around candidate centres. A model trained on whole volumes (``mode="volume"``) is inferred as it was evaluated: each
+case goes to :class:`~volcnn.inference.volume_mode.VolumeModeProcessor` (one probability per volume, no heat map),
+through the same batch loop. Outputs carry only the file or folder name of an
 input, never header fields (no patient identifiers). :func:`~volcnn.inference.load_bundle_runner` builds the runner
 from a bundle's ``configs/inference.json``, :func:`~volcnn.inference.exported_runner` around an exported model.
 """
@@ -44,15 +47,17 @@ from volcnn.inference.dense import DEFAULT_TILE_MB
 from volcnn.inference.findings import NMS_METHODS, SCORE_METHODS, find_peaks, volume_score
 from volcnn.inference.heatmap_strategy import HEATMAP_METHODS, HeatmapStrategy
 from volcnn.inference.sharding import Shard
+from volcnn.inference.volume_mode import VolumeModeProcessor
 from volcnn.io.input_hash import input_sha256
 from volcnn.io.sources import case_name
 from volcnn.io.volume import load_volume
 from volcnn.io.writer import write_nifti
+from volcnn.models.bundle_config import INFERENCE_MODES, check_mode
 from volcnn.models.calibration import Calibration
 from volcnn.transforms.resample import resample_to_grid
 from volcnn.transforms.volume_cache import preprocess_loaded, volume_transforms
 
-__all__ = ["HEATMAP_METHODS", "SUMMARY_FIELDS", "InferenceRunner"]
+__all__ = ["HEATMAP_METHODS", "INFERENCE_MODES", "SUMMARY_FIELDS", "InferenceRunner"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +101,15 @@ class InferenceRunner:
             ``findings.json`` with the number of such findings; default ``threshold``). Findings below it down to
             ``threshold`` are reported too, for FROC analysis and for readers who want a longer list.
         flips: test-time augmentation: the heat map averaged over the volume mirrored along each axis (4 maps).
+        mode: ``"candidate"`` (the heat map, findings and score above; the settings from ``stride_mm`` to
+            ``tile_mb`` apply only here) or ``"volume"`` (a model trained on whole volumes: each volume fitted into
+            ``patch_size`` as in evaluation and classified once; see :mod:`volcnn.inference.volume_mode`).
+        margin: the training chain's ``margin``, for volume mode's preprocessing (it does not change a fitted
+            volume).
 
     Raises:
-        ValueError: unknown ``score`` or ``method``, or ``method="dense"`` for a network that cannot be split.
+        ValueError: unknown ``score``, ``method`` or ``mode``, or ``method="dense"`` for a network that cannot be
+            split (candidate mode).
     """
 
     def __init__(
@@ -130,6 +141,8 @@ class InferenceRunner:
         operating_threshold: float | None = None,
         nms: str = "size",
         flips: bool = False,
+        mode: str = "candidate",
+        margin: int = 8,
     ) -> None:
         if score not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score!r}; choose one of {', '.join(SCORE_METHODS)}")
@@ -166,6 +179,8 @@ class InferenceRunner:
         self.operating_threshold = self.threshold if operating_threshold is None else float(operating_threshold)
         self.nms = nms
         self.flips = as_bool(flips)
+        self.mode = check_mode(mode)
+        self.margin = int(margin)
         self.explain = 0  # explain the N most probable findings per case (set by ``volcnn infer --explain N``)
         self.explain_method = "gradcam"
         self.explain_layer: str | None = None
@@ -178,7 +193,7 @@ class InferenceRunner:
             device=self.device,
             class_index=self.class_index,
             skip_air=self.skip_air,
-            method=method,
+            method=method if self.mode == "candidate" else "window",  # volume mode makes no heat map: no split
             dense_check_points=self.dense_check_points,
             dense_tolerance=self.dense_tolerance,
             dense_halo=dense_halo,
@@ -187,10 +202,25 @@ class InferenceRunner:
             flips=self.flips,
         )
         self._chain = volume_transforms("image", self.pixdim, self.hu_window)
+        #: the per-case work of volume mode (None in candidate mode, whose work is :meth:`process` itself)
+        self.volume_mode: VolumeModeProcessor | None = None
+        if self.mode == "volume":
+            self.volume_mode = VolumeModeProcessor(
+                self.network,
+                patch_size=self.patch_size,
+                pixdim=self.pixdim,
+                hu_window=self.hu_window,
+                margin=self.margin,
+                device=self.device,
+                class_index=self.class_index,
+                model_info=self.model_info,
+            )
 
     @property
     def settings(self) -> dict[str, Any]:
         """Everything besides the input and the model that the outputs depend on (JSON types)."""
+        if self.volume_mode is not None:
+            return self.volume_mode.settings
         settings = {
             "patch_size": self.patch_size,
             "pixdim": self.pixdim,
@@ -309,7 +339,9 @@ class InferenceRunner:
     ) -> dict[str, Any]:
         """Run one input and write ``case_dir/heatmap.nii.gz``, then ``case_dir/findings.json``.
 
-        A finding's ``center_voxel`` is the input voxel nearest its ``center_ras_mm`` (clipped to the image).
+        A finding's ``center_voxel`` is the input voxel nearest its ``center_ras_mm`` (clipped to the image). In
+        volume mode the case goes to :meth:`VolumeModeProcessor.process` instead (``findings.json`` only, and the
+        volume's explanation when :attr:`explain` is set).
 
         Args:
             path: the input.
@@ -320,6 +352,11 @@ class InferenceRunner:
         Returns:
             ``{"case", "score", "n_findings", "max_probability"}``.
         """
+        if self.volume_mode is not None:  # a model trained on whole volumes: one prediction per volume
+            return self.volume_mode.process(
+                path, Path(case_dir), case, digest, explain=self.explain > 0,
+                explain_method=self.explain_method, explain_layer=self.explain_layer,
+            )  # fmt: skip
         vol = load_volume(path)
         digest = digest or input_sha256(path)
         shape, affine = tuple(vol.array.shape), vol.affine.copy()
@@ -397,6 +434,8 @@ class InferenceRunner:
 
     def _finished(self, case_dir: Path, digest: str) -> dict[str, Any] | None:
         """The result of an earlier run of this case with the same input, model and settings, or None."""
+        if self.volume_mode is not None:
+            return self.volume_mode.finished(case_dir, digest, self.explain_method if self.explain > 0 else None)
         findings, heatmap = case_dir / "findings.json", case_dir / "heatmap.nii.gz"
         if not (findings.is_file() and heatmap.is_file()) or self.model_info.get("sha256") is None:
             return None

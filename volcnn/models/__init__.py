@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from volcnn.models.bundle_config import (
     CONFIG_FILE,
+    INFERENCE_MODES,
     META_FILE,
     bundle_overrides,
     bundle_parser,
+    check_mode,
     describe_bundle,
     load_bundle_network,
     parser_from,
@@ -31,6 +33,7 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "EXPORTED_SUFFIXES",
+    "INFERENCE_MODES",
     "META_FILE",
     "METADATA_KEY",
     "WEIGHT_KEYS",
@@ -40,6 +43,7 @@ __all__ = [
     "TorchScriptModel",
     "bundle_overrides",
     "bundle_parser",
+    "check_mode",
     "describe_bundle",
     "fit_platt",
     "load_bundle_network",

@@ -21,9 +21,11 @@ from volcnn.models.weights import load_weights
 __all__ = [
     "CONFIG_FILE",
     "DESCRIPTION_VERSION",
+    "INFERENCE_MODES",
     "META_FILE",
     "bundle_overrides",
     "bundle_parser",
+    "check_mode",
     "describe_bundle",
     "load_bundle_network",
     "parser_from",
@@ -31,8 +33,23 @@ __all__ = [
 
 #: the bundle configs that define the model for inference, and its metadata (under ``configs/``)
 CONFIG_FILE, META_FILE = "inference.json", "metadata.json"
-#: version of the description's layout
-DESCRIPTION_VERSION = 1
+#: version of the description's layout (2: ``mode`` and ``margin`` added; a description without them is candidate mode)
+DESCRIPTION_VERSION = 2
+#: how a model is inferred, as it was trained: ``candidate`` (patches around datalist centres: a heat map of windows
+#: over the CT) or ``volume`` (whole volumes fitted into one patch: one prediction per volume). ``inference.json``
+#: states it as the top-level key ``mode``; the first is the default.
+INFERENCE_MODES = ("candidate", "volume")
+
+
+def check_mode(mode: object, where: str = "mode") -> str:
+    """``mode`` when it is one of :data:`INFERENCE_MODES`.
+
+    Raises:
+        ValueError: naming ``where`` (e.g. the config or file) and the modes known.
+    """
+    if not isinstance(mode, str) or mode not in INFERENCE_MODES:
+        raise ValueError(f"{where}: unknown inference mode {mode!r}; choose one of {', '.join(INFERENCE_MODES)}")
+    return mode
 
 
 def bundle_overrides(bundle_dir: str | os.PathLike[str], device: str | torch.device | None = None) -> dict[str, str]:
@@ -99,10 +116,13 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
 
     Returns:
         ``{"description_version", "patch_size", "pixdim", "hu_window", "in_channels", "num_classes",
-        "class_names", "network_def", "bundle_name", "bundle_version", "output"}`` (plain JSON types).
+        "class_names", "network_def", "bundle_name", "bundle_version", "output", "mode", "margin"}`` (plain JSON
+        types); ``mode`` is the config's ``mode`` (default ``candidate``), ``margin`` its ``margin`` (default 8, as
+        ``train.json``), which volume mode's preprocessing takes.
 
     Raises:
         KeyError: when the config has no ``patch_size``.
+        ValueError: an unknown ``mode``.
     """
 
     def get(key: str, default: Any = None) -> Any:
@@ -128,6 +148,8 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
         "bundle_name": meta.get("name"),
         "bundle_version": meta.get("version"),
         "output": "logits",
+        "mode": check_mode(get("mode", INFERENCE_MODES[0]), "config key 'mode'"),
+        "margin": int(get("margin", 8)),
     }
 
 

@@ -9,15 +9,17 @@ An exported model carries the preprocessing it was trained with, so it can run w
     .pt    a state dict: the network definition and settings come from the bundle it belongs to
 
 The description (:func:`~volcnn.models.describe_bundle`) holds ``patch_size``, ``pixdim``, ``hu_window``,
-``in_channels``, ``num_classes``, ``class_names``, ``network_def``, the bundle's name and version, and, once exported,
-the source checkpoint's sha256 and the exporter. :func:`load_exported` returns a module ``(B, C, *patch_size)`` ->
-logits ``(B, K)`` and the :class:`~volcnn.inference.InferenceRunner` keyword arguments of the model::
+``in_channels``, ``num_classes``, ``class_names``, ``network_def``, the inference ``mode`` (``candidate`` or
+``volume``, as the model was trained) with the ``margin`` of its preprocessing, the bundle's name and version, and,
+once exported, the source checkpoint's sha256 and the exporter. :func:`load_exported` returns a module
+``(B, C, *patch_size)`` -> logits ``(B, K)`` and the :class:`~volcnn.inference.InferenceRunner` keyword arguments of
+the model::
 
     >>> net, settings = load_exported("bundle/models/model.onnx")  # doctest: +SKIP
     >>> runner = InferenceRunner(net, **settings, stride_mm=8.0)  # doctest: +SKIP
 
 A ``.ts`` or ``.onnx`` module is opaque (it cannot be split into a feature extractor and a head), so whole-volume
-inference runs it window by window.
+inference of a candidate-mode model runs it window by window; a volume-mode model runs once per volume either way.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from volcnn.core.errors import VolcnnError
 from volcnn.core.hashing import sha256_file
 from volcnn.models.bundle_config import (
     CONFIG_FILE,
+    INFERENCE_MODES,
     META_FILE,
+    check_mode,
     describe_bundle,
     load_bundle_network,
     parser_from,
@@ -101,19 +105,34 @@ def _description_from_files(
 
 
 def _settings(path: Path, description: Mapping[str, Any], sha256: str) -> dict[str, Any]:
-    """InferenceRunner keyword arguments from a description: patch_size, pixdim, hu_window, model_info."""
+    """InferenceRunner keyword arguments from a description: patch_size, pixdim, hu_window, mode, margin, model_info.
+
+    A description written before ``mode`` existed (version 1) is a candidate-mode model with the default margin.
+    """
     try:
         patch = tuple(int(p) for p in description["patch_size"])
         pixdim = tuple(float(p) for p in description["pixdim"])
         window = tuple(float(w) for w in description["hu_window"])
+        margin = int(description.get("margin", 8))
     except (KeyError, TypeError, ValueError) as e:
         raise ExportedModelError(f"{path}: embedded model settings lack or mistype {e}") from e
     if len(patch) != 3 or len(pixdim) != 3 or len(window) != 2:
         raise ExportedModelError(
             f"{path}: bad embedded settings patch_size {patch}, pixdim {pixdim}, hu_window {window}"
         )
+    try:
+        mode = check_mode(description.get("mode", INFERENCE_MODES[0]), f"{path}: embedded settings")
+    except ValueError as e:
+        raise ExportedModelError(str(e)) from e
     info = {"name": description.get("bundle_name"), "version": description.get("bundle_version"), "sha256": sha256}
-    return {"patch_size": patch, "pixdim": pixdim, "hu_window": window, "model_info": info}
+    return {
+        "patch_size": patch,
+        "pixdim": pixdim,
+        "hu_window": window,
+        "mode": mode,
+        "margin": margin,
+        "model_info": info,
+    }
 
 
 class ExportedModel(nn.Module):
@@ -285,7 +304,8 @@ def load_exported(
         ``(network, settings)``: ``network`` maps ``(B, C, *patch_size)`` to logits ``(B, K)`` and is in eval mode:
         an :class:`ExportedModel` for ``.ts`` / ``.onnx`` (opaque; checks the input shape), the bundle's eager
         network for ``.pt``. ``settings`` are the :class:`~volcnn.inference.InferenceRunner` keyword arguments
-        ``patch_size``, ``pixdim``, ``hu_window`` and ``model_info`` (bundle name and version, sha256 of ``path``).
+        ``patch_size``, ``pixdim``, ``hu_window``, ``mode``, ``margin`` and ``model_info`` (bundle name and version,
+        sha256 of ``path``).
 
     Raises:
         FileNotFoundError: naming ``path`` when it is missing.

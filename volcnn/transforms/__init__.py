@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from volcnn.core.geometry import voxel_to_world, world_to_voxel
 from volcnn.transforms.batch_augment import AugmentParams, BatchRandAugment
-from volcnn.transforms.chains import augmentation_transforms, deterministic_transforms, validation_transforms
+from volcnn.transforms.chains import (
+    augmentation_transforms,
+    deterministic_transforms,
+    evaluation_transforms,
+    validation_transforms,
+)
 from volcnn.transforms.crop import CropOrFitd, FitVolume, WorldPatchCrop
 from volcnn.transforms.intensity import HUWindow, HUWindowd
 from volcnn.transforms.resample import ResampleToSpacing, ResampleToSpacingd, resample_linear, resample_to_grid
@@ -24,6 +29,7 @@ __all__ = [
     "WorldPatchCrop",
     "augmentation_transforms",
     "deterministic_transforms",
+    "evaluation_transforms",
     "preprocess_loaded",
     "preprocess_volume",
     "resample_linear",

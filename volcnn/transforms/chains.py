@@ -3,7 +3,8 @@
 Deterministic: :class:`~volcnn.transforms.volume_cache.PreprocessVolumed` (load, RAS, ``pixdim``, HU window)
 then :class:`~volcnn.transforms.crop.CropOrFitd` (candidate patch around ``center`` or the whole volume) giving
 ``(1, *(patch_size + 2 * margin))``. Random: affine, flips, 90-degree rotations, final crop to ``patch_size``,
-noise, intensity shift. Validation ends with the same centre crop and no randomness.
+noise, intensity shift. Validation ends with the same centre crop and no randomness
+(:func:`evaluation_transforms` is the whole validation chain, which volume-mode inference reuses).
 
 The bundle trains with the batched equivalent of the random chain,
 :class:`~volcnn.transforms.batch_augment.BatchRandAugment`, run on the training device by the trainer's
@@ -30,7 +31,7 @@ from monai.transforms import (
 from volcnn.transforms.crop import CropOrFitd
 from volcnn.transforms.volume_cache import PreprocessVolumed
 
-__all__ = ["deterministic_transforms", "augmentation_transforms", "validation_transforms"]
+__all__ = ["deterministic_transforms", "augmentation_transforms", "evaluation_transforms", "validation_transforms"]
 
 
 def deterministic_transforms(
@@ -100,3 +101,33 @@ def augmentation_transforms(
 def validation_transforms(patch_size: Sequence[int] = (48, 48, 48), image_key: str = "image") -> Compose:
     """The deterministic counterpart of :func:`augmentation_transforms`: the centre crop to ``patch_size``."""
     return Compose([CenterSpatialCropd(image_key, roi_size=tuple(int(s) for s in patch_size))])
+
+
+def evaluation_transforms(
+    pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+    hu_window: Sequence[float] = (-1000, 400),
+    patch_size: Sequence[int] = (48, 48, 48),
+    margin: int = 8,
+    cache_size: int = 2,
+    image_key: str = "image",
+) -> Compose:
+    """What validation and evaluation feed the network: :func:`deterministic_transforms` then
+    :func:`validation_transforms`, flattened, as ``train.json`` builds its ``validate#preprocessing`` (which the
+    ``evaluate.json`` overlay also uses for the threshold section).
+
+    Volume-mode inference (:mod:`volcnn.inference.volume_mode`) runs this very chain on each input, so that a model
+    trained on whole volumes sees at inference exactly what its evaluation saw. ``margin`` does not change a fitted
+    volume (the margin added around the fit is cropped off again), but it is kept so that the chain is the
+    evaluation's, setting for setting.
+
+    Returns:
+        A flat Compose ``[PreprocessVolumed, CropOrFitd, CenterSpatialCropd]`` mapping ``{"image": path,
+        ["center": [x, y, z]]}`` to ``image`` ``(1, *patch_size)`` float32 in [0, 1] with its exact affine (patch
+        index -> world RAS mm) and ``center`` ``(3,)`` (NaN without a centre: the whole volume fitted).
+    """
+    return Compose(
+        [
+            deterministic_transforms(pixdim, hu_window, patch_size, margin, cache_size, image_key),
+            validation_transforms(patch_size, image_key),
+        ]
+    ).flatten()

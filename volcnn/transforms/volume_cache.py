@@ -53,24 +53,38 @@ def volume_transforms(
 
 
 def preprocess_loaded(chain: Compose, volume: Volume | list[Volume]) -> MetaTensor:
-    """Run a :func:`volume_transforms` chain (key ``"image"``) on a volume already loaded, without reading it again.
+    """Run a chain (key ``"image"``) on a volume already loaded, without reading it again.
+
+    ``chain`` is a :func:`volume_transforms` chain, or a dataset chain that starts with :class:`PreprocessVolumed`
+    (e.g. :func:`~volcnn.transforms.evaluation_transforms`): then the volume goes through the
+    ``PreprocessVolumed``'s own chain (its LRU is bypassed: nothing is kept) and the result through the rest of
+    ``chain``, as a sample without a ``center`` (the whole volume).
 
     ``volume`` may be handed over in a one-item list, which is emptied once the chain's loader has the volume, so
     that the caller's reference does not keep the full-resolution array alive while it is resampled.
 
     Returns:
-        MetaTensor ``(1, X, Y, Z)`` in RAS at the chain's ``pixdim``, windowed to [0, 1], with its affine.
+        MetaTensor with its affine: ``(1, X, Y, Z)`` in RAS at the chain's ``pixdim``, windowed to [0, 1], for a
+        :func:`volume_transforms` chain; whatever the rest of a dataset chain makes of it otherwise (``(1,
+        *patch_size)`` for the evaluation chain).
 
     Raises:
-        TypeError: ``chain`` does not start with :class:`~volcnn.io.reader.LoadVolumed`.
+        TypeError: ``chain`` starts with neither :class:`~volcnn.io.reader.LoadVolumed` nor
+            :class:`PreprocessVolumed`.
     """
-    load = chain.transforms[0]
+    head = chain.transforms[0] if chain.transforms else None
+    volume_chain, rest = (head.chain, True) if isinstance(head, PreprocessVolumed) else (chain, False)
+    load = volume_chain.transforms[0] if volume_chain.transforms else None
     if not isinstance(load, LoadVolumed):
-        raise TypeError(f"expected a chain starting with LoadVolumed, got {type(load).__name__}")
+        found = type(head if rest else load).__name__
+        raise TypeError(f"expected a chain starting with LoadVolumed or PreprocessVolumed, got {found}")
     vol = volume.pop() if isinstance(volume, list) else volume
     data = load({"image": vol.path}, reader=PreloadedReader(vol))
     del vol
-    image = chain(data, start=1)["image"]
+    data = volume_chain(data, start=1)
+    if rest:
+        data = chain(data, start=1)
+    image = data["image"]
     if not isinstance(image, MetaTensor):
         raise TypeError(f"preprocessing gave {type(image).__name__}, expected a MetaTensor")
     return image
