@@ -257,3 +257,19 @@ def test_plot_froc_rejects_bad_curves(tmp_path):
     with pytest.raises(ValueError, match="one-dimensional"):
         plot_froc(np.zeros((2, 2)), np.zeros((2, 2)), tmp_path / "c.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_per_scan_auc_of_the_volume_score(tmp_path):
+    """Scans with nodules (case_001: score 0.9, case_002: 0.6) against the nodule-free case_000 (0.7): AUC 0.5;
+    swapping case_000's score below both gives 1.0."""
+    csv = _luna16_csv(tmp_path / "annotations.csv")
+    result = evaluate_findings(_write_run(tmp_path / "a"), csv)
+    scan = result["per_scan"]
+    assert (scan["num_with_nodules"], scan["num_without_nodules"]) == (2, 1)
+    assert scan["auc"] == pytest.approx(0.5)
+    low = {**FINDINGS, "case_000": [([5.0, 5.0, 5.0], 0.2)]}
+    assert evaluate_findings(_write_run(tmp_path / "b", low), csv)["per_scan"]["auc"] == pytest.approx(1.0)
+    only = {k: v for k, v in FINDINGS.items() if k != "case_000"}
+    undefined = evaluate_findings(_write_run(tmp_path / "c", only), csv)["per_scan"]
+    assert undefined["auc"] is None and "undefined" in undefined["reason"]
+    assert "per scan" in format_table(result)
