@@ -54,6 +54,8 @@ def test_infer_options_reach_the_runner(tmp_path, monkeypatch):
     seen.clear()
     assert main(["infer", "--bundle", "b", "--out", "o", "x.nii.gz"]) == 0
     assert "heatmap_method" not in seen and "stride_mm" not in seen  # the bundle's own settings
+    assert "tta_flips" not in seen
+    assert main(["infer", "--bundle", "b", "--out", "o", "--tta", "x.nii.gz"]) == 0 and seen["tta_flips"] is True
     with pytest.raises(SystemExit):
         main(["infer", "--bundle", "b", "--out", "o", "--heatmap-method", "fast", "x.nii.gz"])
 

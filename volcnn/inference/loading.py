@@ -65,6 +65,8 @@ def exported_runner(model: str | os.PathLike[str], **overrides: Any) -> Inferenc
         FileNotFoundError, ExportedModelError: as :func:`~volcnn.models.load_exported`.
     """
     device = overrides.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "tta_flips" in overrides:  # the bundle config's name of the runner's option
+        overrides["flips"] = overrides.pop("tta_flips")
     if overrides.pop("heatmap_method", "window") == "dense":
         raise ValueError("an exported model runs window by window only (its graph cannot be split into trunk and head)")
     network, settings = load_exported(model, device=device)
