@@ -82,11 +82,13 @@ def infer(
         processed).
 
     Raises:
-        UsageError: no inputs, bundle folder, config or model missing, an unusable bundle, model or output folder, a
-            bad ``--explain`` option (exit 2).
+        UsageError: no inputs, bundle folder, config or model missing, an unusable bundle, model or output folder
+            (weights that do not fit the bundle's network among them: the message names the weights file, the
+            bundle's settings and the first mismatched keys or shapes), a bad ``--explain`` option (exit 2).
     """
     from volcnn.explain import EXPLAIN_METHODS
     from volcnn.inference import exported_runner, load_bundle_runner
+    from volcnn.models import WeightsMismatchError
 
     if not inputs:
         raise UsageError("no inputs given: pass NIfTI files or DICOM series folders")
@@ -105,7 +107,7 @@ def infer(
             runner = load_bundle_runner(existing_dir(str(bundle), "bundle folder"), **overrides)
     except UsageError:
         raise
-    except FileNotFoundError as e:
+    except (FileNotFoundError, WeightsMismatchError) as e:  # their messages name the file and the problem
         raise UsageError(str(e)) from e
     except Exception as e:
         raise UsageError(f"{bundle or model}: cannot build the inference runner ({type(e).__name__}: {e})") from e

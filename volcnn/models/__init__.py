@@ -6,8 +6,10 @@ from __future__ import annotations
 from volcnn.models.bundle_config import (
     CONFIG_FILE,
     META_FILE,
+    bundle_network_label,
     bundle_overrides,
     bundle_parser,
+    bundle_weights_error,
     describe_bundle,
     load_bundle_network,
     parser_from,
@@ -22,7 +24,16 @@ from volcnn.models.exported import (
     load_exported,
     read_description,
 )
-from volcnn.models.weights import WEIGHT_KEYS, load_weights, model_info, read_state_dict, weights_key
+from volcnn.models.weights import (
+    WEIGHT_KEYS,
+    WeightsMismatchError,
+    find_weights_mismatch,
+    load_weights,
+    model_info,
+    read_state_dict,
+    weights_key,
+    weights_mismatches,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -34,9 +45,13 @@ __all__ = [
     "ExportedModelError",
     "OnnxModel",
     "TorchScriptModel",
+    "WeightsMismatchError",
+    "bundle_network_label",
     "bundle_overrides",
     "bundle_parser",
+    "bundle_weights_error",
     "describe_bundle",
+    "find_weights_mismatch",
     "load_bundle_network",
     "load_exported",
     "load_weights",
@@ -45,4 +60,5 @@ __all__ = [
     "read_description",
     "read_state_dict",
     "weights_key",
+    "weights_mismatches",
 ]
