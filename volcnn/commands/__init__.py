@@ -17,6 +17,7 @@ from volcnn.commands import (
     infer,
     ingest,
     networks,
+    package,
     synth,
     verify_bundle,
 )
@@ -24,4 +25,4 @@ from volcnn.commands import (
 __all__ = ["COMMANDS"]
 
 #: the subcommand modules, in the order ``volcnn --help`` lists them
-COMMANDS = (synth, ingest, datalist, infer, evaluate_findings, export, verify_bundle, networks)
+COMMANDS = (synth, ingest, datalist, infer, evaluate_findings, package, export, verify_bundle, networks)
