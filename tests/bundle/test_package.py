@@ -272,3 +272,13 @@ def test_mismatched_weights_are_refused_naming_both(packaged, run, cohort, tmp_p
     assert main(["package", str(wrong), "--out", str(tmp_path / "never")]) == 1
     assert f"{wrong / 'models' / 'model.pt'}: these weights do not fit" in caplog.text and "valid_cnn3d" in caplog.text
     assert not (tmp_path / "never").exists()
+
+
+def test_a_run_kept_inside_the_source_bundle_is_not_copied(run, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(BUNDLE, src, ignore=shutil.ignore_patterns("models", "eval"))
+    inner = _run_copy(run, src / "runs" / "r1")
+    assert main(["package", str(inner), "--out", str(src / "packaged"), "--bundle", str(src)]) == 2  # inside SRC
+    assert main(["package", str(inner), "--out", str(tmp_path / "out"), "--bundle", str(src)]) == 0
+    assert (tmp_path / "out" / "runs").is_dir() and not (tmp_path / "out" / "runs" / "r1").exists()
+    assert (tmp_path / "out" / "models" / "model.pt").is_file()
