@@ -1,8 +1,9 @@
-"""The demo (``make demo``): synthetic cohort -> bundle training -> evaluation -> export -> inference.
+"""The demo (``make demo``): synthetic cohort -> bundle training -> evaluation -> package -> export -> inference.
 
-Every step goes through the interfaces a user has: ``volcnn synth``, ``python -m monai.bundle run training``,
-the evaluate overlay, the offline bundle check (which writes ``models/model.ts``) and ``volcnn infer``. The bundle
-keeps its GPU defaults; the demo writes CPU-sized settings into its own copy of the bundle.
+Every step goes through the interfaces a user has: ``volcnn synth``, ``python -m monai.bundle run training`` with
+CPU-sized overrides on the command line (the bundle keeps its GPU defaults), the evaluate overlay, ``volcnn package``
+(the run's recorded settings and best weights in a copy of the bundle, checked offline, ``models/model.ts``),
+``volcnn export`` and ``volcnn infer``.
 
     python -m pipelines.demo --out demo_out [--cases 40] [--epochs 15]     # from the repository root
 """
@@ -20,12 +21,12 @@ import time
 from pathlib import Path
 
 from pipelines.common import REPO
-from volcnn.bundle import configure_bundle, install_model, verify_bundle
 from volcnn.data import synthesize_cohort
 
 BUNDLE = REPO / "bundles" / "lung_nodule_ct_classification"
 
-#: CPU-sized settings written into the demo's copy of the bundle (the bundle's own defaults target a GPU)
+#: CPU-sized training settings, given to the bundle on the command line (its own defaults target a GPU); the run
+#: records the model's (run.json) and ``volcnn package`` writes them into the bundle the demo infers with
 CPU_SETTINGS = {
     # unpadded convolutions: the dense heat map (one trunk pass over the CT) equals window-by-window evaluation, so
     # inference takes seconds; a padded resnet10 at 32^3 leans on its patches' zero padding and its dense map differs
@@ -45,9 +46,19 @@ CPU_SETTINGS = {
     # channels-last 3D weights: faster for valid_cnn3d, nothing gained for resnet10 (`compute` section of the
     # benchmark, pipelines/PERFORMANCE.md), so the bundle's default stays off
     "channels_last": True,
-    "stride_mm": 4.0,
-    "heatmap_method": "auto",
 }
+#: ``volcnn infer`` options: a heat map on a 4 mm grid, dense where the network splits and agrees with its windows
+INFER_OPTIONS = ["--stride-mm", "4.0", "--heatmap-method", "auto"]
+
+
+def _overrides(settings: dict[str, object]) -> list[str]:
+    """``--key value`` for ``python -m monai.bundle run`` (its command line is parsed by fire: ``False``, not
+    ``false``, is a boolean; a list is one argument without spaces)."""
+    args = []
+    for key, value in settings.items():
+        text = json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
+        args += [f"--{key}", text]
+    return args
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -102,23 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         pos, neg = c["positive"], c["negative"]
         print(f"  {split:<10} {counts['cases']:>3} patients, {pos:>3} nodule / {neg:>4} non-nodule candidates")
 
-    configure_bundle(BUNDLE, bundle, {**CPU_SETTINGS, "max_epochs": args.epochs, "seed": args.seed})
-    common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--datalist", str(data / "datalist.json"),
-              "--output_dir", str(train)]  # fmt: skip
+    common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--datalist", str(data / "datalist.json"),
+              "--output_dir", str(train),
+              *_overrides({**CPU_SETTINGS, "max_epochs": args.epochs, "seed": args.seed})]  # fmt: skip
     monai = [sys.executable, "-m", "monai.bundle", "run"]
-    _run([*monai, "training", "--config_file", str(bundle / "configs" / "train.json"), *common], "training")
-    configs = f"['{bundle / 'configs' / 'train.json'}','{bundle / 'configs' / 'evaluate.json'}']"
+    _run([*monai, "training", "--config_file", str(BUNDLE / "configs" / "train.json"), *common], "training")
+    configs = f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'evaluate.json'}']"
     _run([*monai, "--config_file", configs, *common], "evaluation on the unseen test patients")
-
-    install_model(bundle, train / "models" / "model.pt")
-    checks = verify_bundle(bundle)
-    print("\n=== bundle check (offline): " + "; ".join(str(c) for c in checks), flush=True)
+    _run([sys.executable, "-m", "volcnn", "package", str(train), "--out", str(bundle)],
+         "packaging the run as a bundle (its recorded settings, best weights, offline check)")  # fmt: skip
 
     test_images = sorted({e["image"] for e in json.loads((data / "datalist.json").read_text())["test"]})
     unseen = [str(data / image) for image in test_images]
     _run([sys.executable, "-m", "volcnn", "export", "--bundle", str(bundle)], "export to TorchScript and ONNX")
     _run([sys.executable, "-m", "volcnn", "infer", "--bundle", str(bundle), "--out", str(infer), "--explain", "1",
-          *unseen], f"whole-CT inference on the {len(unseen)} unseen CTs, Grad-CAM of each top finding")  # fmt: skip
+          *INFER_OPTIONS, *unseen],
+         f"whole-CT inference on the {len(unseen)} unseen CTs, Grad-CAM of each top finding")  # fmt: skip
     test_nodules = _test_annotations(data / "nodules.csv", {Path(u).name.split(".")[0] for u in unseen}, out)
     _run([sys.executable, "-m", "volcnn", "evaluate-findings", str(infer), "--annotations", str(test_nodules)],
          "detection evaluation (FROC / CPM) of the unseen CTs")  # fmt: skip
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  findings:  {infer / case / 'findings.json'}")
     print(f"  summary:   {infer / 'summary.csv'}")
     print(f"total time: {time.time() - start:.0f} s")
-    return 0 if all(c.ok for c in checks) else 1
+    return 0
 
 
 def _fmt(value: float | None) -> str:

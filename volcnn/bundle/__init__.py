@@ -4,7 +4,7 @@ metadata schema."""
 from __future__ import annotations
 
 from volcnn.bundle.export import EXPORT_FORMATS, export_bundle
-from volcnn.bundle.package import configure_bundle, install_model
+from volcnn.bundle.package import PackageError, PackageResult, configure_bundle, install_model, package_run
 from volcnn.bundle.verify import (
     SCHEMA_NAME,
     SCHEMA_SHA256,
@@ -20,9 +20,12 @@ from volcnn.bundle.verify import (
 
 __all__ = [
     "EXPORT_FORMATS",
+    "PackageError",
+    "PackageResult",
     "configure_bundle",
     "export_bundle",
     "install_model",
+    "package_run",
     "SCHEMA_NAME",
     "SCHEMA_SHA256",
     "CheckResult",

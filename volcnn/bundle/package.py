@@ -3,6 +3,12 @@
 The configs of a packaged bundle describe the model it holds (network, patch size, spacing, window), so
 ``volcnn infer --bundle DIR`` and ``python -m monai.bundle run --config_file DIR/configs/inference.json`` need no
 overrides. ``models/model.ts`` is written by :func:`volcnn.bundle.verify_bundle`'s export check.
+
+:func:`package_run` (``volcnn package RUN_DIR --out BUNDLE``) makes one from a training run: the settings the run
+recorded in ``RUN_DIR/run.json`` (:mod:`volcnn.engines.run_record`) go into a copy of the source bundle's configs
+and metadata, the run's best weights into ``models/``, and the offline check decides whether the result is
+published. It is built in a hidden folder beside ``BUNDLE`` and renamed into place only when every check passes, so
+a failure leaves no half-written bundle (and an earlier ``BUNDLE`` untouched).
 """
 
 from __future__ import annotations
@@ -11,22 +17,91 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from volcnn import __version__
+from volcnn.bundle.metadata import packaged_metadata
+from volcnn.bundle.verify import CheckResult, verify_bundle
 from volcnn.core.atomic import atomic_path, atomic_write_json
+from volcnn.core.errors import UsageError, VolcnnError
+from volcnn.core.hashing import sha256_file
+from volcnn.engines.run_record import MODES, RUN_FILE, RunRecordError, model_settings, read_run_record
+from volcnn.models.bundle_config import load_bundle_network
+from volcnn.networks.introspect import in_channels
 
-__all__ = ["configure_bundle", "install_model", "CONFIG_FILES"]
+__all__ = [
+    "CALIBRATION_FILE",
+    "CONFIG_FILES",
+    "REQUIRED_SETTINGS",
+    "PackageError",
+    "PackageResult",
+    "configure_bundle",
+    "install_model",
+    "package_run",
+]
 
 logger = logging.getLogger(__name__)
 
 #: configs whose top-level keys hold the model and data settings (evaluate.json overlays train.json)
 CONFIG_FILES = ("train.json", "inference.json")
+#: settings a run record must hold to be packaged
+REQUIRED_SETTINGS = ("network_def", "num_classes", "patch_size", "pixdim", "hu_window")
+#: the probability calibration a run may hold (``RUN_DIR/calibration.json``), installed as ``models/calibration.json``
+CALIBRATION_FILE = "calibration.json"
 
 
-def configure_bundle(src: str | os.PathLike[str], dst: str | os.PathLike[str], settings: dict[str, Any]) -> Path:
+class PackageError(VolcnnError, RuntimeError):
+    """The packaged bundle failed a check (or its weights could not be installed); nothing was published. Exit 1.
+
+    Attributes:
+        checks: the offline checks' results, when they ran.
+    """
+
+    def __init__(self, message: str, checks: list[CheckResult] | None = None) -> None:
+        super().__init__(message)
+        self.checks = list(checks or [])
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    """What :func:`package_run` wrote.
+
+    Attributes:
+        bundle: the packaged bundle folder.
+        source: the bundle it was copied from.
+        run_dir: the training run.
+        settings: the train.json settings written into ``configs/train.json`` and ``configs/inference.json``.
+        mode: ``"candidate"`` or ``"volume"``, written into ``configs/inference.json`` as ``mode``.
+        version: the packaged bundle's ``metadata.json`` version.
+        files: the files written, relative to ``bundle``.
+        checks: the offline checks' results (all passed).
+        replaced: an earlier bundle in ``bundle`` was replaced.
+    """
+
+    bundle: Path
+    source: Path
+    run_dir: Path
+    settings: dict[str, Any]
+    mode: str
+    version: str
+    files: list[str] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
+    replaced: bool = False
+
+
+def configure_bundle(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    settings: dict[str, Any],
+    *,
+    exclude: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
     """Copy the bundle ``src`` to ``dst`` (without weights or run outputs) and set top-level config keys.
 
     Args:
@@ -35,6 +110,8 @@ def configure_bundle(src: str | os.PathLike[str], dst: str | os.PathLike[str], s
         settings: top-level keys written into every config of :data:`CONFIG_FILES`, e.g.
             ``{"network_def": "seed_cnn3d", "patch_size": [32, 32, 32]}``. ``patch_size`` and ``num_classes``
             are also written into ``metadata.json``'s ``network_data_format``.
+        exclude: folders or files inside ``src`` not to copy (besides ``models/``, ``eval/`` and ``__pycache__``),
+            e.g. a training run kept in the bundle.
 
     Returns:
         ``dst`` as a Path.
@@ -44,7 +121,13 @@ def configure_bundle(src: str | os.PathLike[str], dst: str | os.PathLike[str], s
         raise FileNotFoundError(f"{src}: not a bundle (no configs/metadata.json)")
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    skipped = {Path(p).resolve() for p in exclude}
+    default_ignore = shutil.ignore_patterns("models", "eval", "__pycache__")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return set(default_ignore(folder, names)) | {n for n in names if (Path(folder) / n).resolve() in skipped}
+
+    shutil.copytree(src, dst, ignore=ignore)
     for name in CONFIG_FILES:
         path = dst / "configs" / name
         config = json.loads(path.read_text())
@@ -80,3 +163,151 @@ def install_model(bundle_dir: str | os.PathLike[str], checkpoint: str | os.PathL
     with atomic_path(dest) as tmp:
         shutil.copyfile(checkpoint, tmp)
     return dest
+
+
+def _is_bundle(folder: Path) -> bool:
+    return (folder / "configs" / "metadata.json").is_file()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _source_bundle(record: dict[str, Any], record_file: Path, src: str | os.PathLike[str] | None) -> Path:
+    """``src``, else the bundle root the run recorded; a folder holding ``configs/metadata.json``."""
+    if src is not None:
+        source = Path(src)
+        if not _is_bundle(source):
+            raise FileNotFoundError(f"{source}: source bundle not found (no configs/metadata.json)")
+        return source
+    recorded = record.get("bundle") if isinstance(record.get("bundle"), dict) else {}
+    root = recorded.get("root") if isinstance(recorded, dict) else None
+    if isinstance(root, str) and _is_bundle(Path(root)):
+        return Path(root)
+    raise UsageError(
+        f"{record_file} records bundle root {root!r}, which is not a bundle (no configs/metadata.json; the run was "
+        "started without --bundle_root, or the bundle moved): pass the bundle to copy with --bundle SRC"
+    )
+
+
+def _check_out(out: Path, source: Path, run_dir: Path) -> None:
+    for what, folder in (("the source bundle", source), ("the training run", run_dir)):
+        if _inside(folder, out):
+            raise UsageError(f"{out}: the output folder holds {what} {folder}; choose another --out")
+    if _inside(out, source):
+        raise UsageError(f"{out}: lies inside the source bundle {source}, which is copied; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not _is_bundle(out):
+        raise UsageError(f"{out}: exists and is not a bundle (no configs/metadata.json); refusing to replace it")
+
+
+def _checked_record(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    record = read_run_record(run_dir)
+    record_file = run_dir / RUN_FILE
+    missing = [k for k in REQUIRED_SETTINGS if k not in record]
+    if missing:
+        raise RunRecordError(f"{record_file}: lacks the settings {missing}; it cannot describe the packaged model")
+    if record.get("mode") not in MODES:
+        raise RunRecordError(f"{record_file}: mode {record.get('mode')!r} is not one of {list(MODES)}")
+    return record, record_file
+
+
+def _publish(build: Path, out: Path, scratch: Path) -> bool:
+    """Rename the finished ``build`` onto ``out``; an earlier bundle there goes into ``scratch`` (deleted by the
+    caller). Returns whether one was replaced."""
+    replaced = out.exists()
+    if replaced:
+        os.rename(out, scratch / "replaced")
+    os.rename(build, out)
+    return replaced
+
+
+def package_run(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], src: str | os.PathLike[str] | None = None
+) -> PackageResult:
+    """Package a training run as a bundle: ``volcnn package RUN_DIR --out BUNDLE [--bundle SRC]``.
+
+    Steps, in a hidden folder beside ``out``: copy ``src`` (default: the bundle the run recorded) with
+    :func:`configure_bundle`, writing the run's model settings (:func:`~volcnn.engines.run_record.model_settings`)
+    into ``configs/train.json`` and ``configs/inference.json`` and its ``mode`` into ``inference.json``; install
+    ``RUN_DIR/models/model.pt`` (:func:`install_model`) and ``RUN_DIR/calibration.json`` when the run has one; load
+    the weights into the configured network (they must fit it); describe the model in ``metadata.json``
+    (:func:`~volcnn.bundle.metadata.packaged_metadata`); run :func:`~volcnn.bundle.verify_bundle` (which writes
+    ``models/model.ts``). Only when every check passes is the folder renamed to ``out``, replacing an earlier bundle
+    there.
+
+    Args:
+        run_dir: the training run's ``output_dir`` (``run.json``, ``models/model.pt``).
+        out: the bundle to write.
+        src: the bundle to copy; default the ``bundle.root`` the run recorded.
+
+    Returns:
+        A :class:`PackageResult`.
+
+    Raises:
+        FileNotFoundError: ``run_dir``, its ``run.json`` or ``models/model.pt``, or ``src`` is missing.
+        UsageError: no usable source bundle (the run recorded none and ``src`` is not given), or ``out`` cannot be
+            used (it holds the run or the source, or is a folder other than a bundle).
+        RunRecordError: ``run.json`` is unreadable or lacks a setting of :data:`REQUIRED_SETTINGS`.
+        PackageError: the weights cannot be installed or do not fit the network, or a check failed; ``out`` is left
+            as it was.
+    """
+    run_dir, out = Path(run_dir), Path(out).absolute()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: training run folder not found")
+    record, record_file = _checked_record(run_dir)
+    weights = run_dir / "models" / "model.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: the run's best weights not found (training writes them at validation)")
+    source = _source_bundle(record, record_file, src)
+    _check_out(out, source, run_dir)
+    settings, mode = model_settings(record), str(record["mode"])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.package-", dir=out.parent))
+    try:
+        build = configure_bundle(source, scratch / out.name, settings, exclude=[run_dir])
+        files = [f"configs/{name}" for name in CONFIG_FILES]
+        inference = build / "configs" / "inference.json"
+        atomic_write_json(inference, {**json.loads(inference.read_text(encoding="utf-8")), "mode": mode})
+        try:
+            install_model(build, weights)
+            network, _, _ = load_bundle_network(build, weights, device="cpu")
+        except Exception as e:  # not a state dict, weights that do not fit, a network the config cannot build
+            reason = str(e).replace(str(build), str(out))  # name the bundle as it would have been written
+            raise PackageError(f"{out}: not written: {reason}") from e
+        files.append("models/model.pt")
+        calibration = run_dir / CALIBRATION_FILE
+        if calibration.is_file():
+            shutil.copyfile(calibration, build / "models" / CALIBRATION_FILE)
+            files.append(f"models/{CALIBRATION_FILE}")
+        meta_file = build / "configs" / "metadata.json"
+        meta = packaged_metadata(
+            json.loads(meta_file.read_text(encoding="utf-8")),
+            settings,
+            mode=mode,
+            labels=record["labels"] if isinstance(record.get("labels"), dict) else None,
+            in_channels=in_channels(network, default=1),
+            weights_sha256=sha256_file(weights),
+            datalist_sha256=record.get("datalist_sha256"),
+            volcnn_version=__version__,
+        )
+        atomic_write_json(meta_file, meta)
+        files.append("configs/metadata.json")
+        # the checks run in the hidden folder: their details name the files as they would be in `out`
+        checks = [CheckResult(c.name, c.status, c.detail.replace(str(build), str(out))) for c in verify_bundle(build)]
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            lines = "\n  ".join(str(c) for c in failed)
+            raise PackageError(f"{out}: not written, the packaged bundle fails the offline check:\n  {lines}", checks)
+        files += [f"models/{p.name}" for p in sorted((build / "models").glob("*.ts"))]
+        replaced = _publish(build, out, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("packaged %s from %s (run %s)", out, source, run_dir)
+    return PackageResult(
+        bundle=out, source=source, run_dir=run_dir, settings=settings, mode=mode, version=str(meta["version"]),
+        files=sorted(files), checks=checks, replaced=replaced,
+    )  # fmt: skip

@@ -18,6 +18,7 @@ from volcnn.commands import (
     ingest,
     mine,
     networks,
+    package,
     synth,
     verify_bundle,
 )
@@ -25,4 +26,4 @@ from volcnn.commands import (
 __all__ = ["COMMANDS"]
 
 #: the subcommand modules, in the order ``volcnn --help`` lists them
-COMMANDS = (synth, ingest, datalist, mine, infer, evaluate_findings, export, verify_bundle, networks)
+COMMANDS = (synth, ingest, datalist, mine, infer, evaluate_findings, package, export, verify_bundle, networks)

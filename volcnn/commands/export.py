@@ -20,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every format was written; 1 when an export failed its check against the eager network (the
-    previous file is kept); 2 for a missing bundle or weights, or an unknown format."""
+    previous file is kept); 2 for a missing bundle or weights, weights that do not fit the bundle's network (the
+    message names both), or an unknown format."""
     from volcnn.bundle import EXPORT_FORMATS, export_bundle
+    from volcnn.models import WeightsMismatchError
 
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         existing_file(args.ckpt, "checkpoint")
     try:
         written = export_bundle(args.bundle, formats=formats, ckpt=args.ckpt)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, WeightsMismatchError) as e:  # an unusable bundle; the message names the files
         raise UsageError(str(e)) from e
     except ValueError as e:  # the exported file disagrees with the eager network
         raise VolcnnError(str(e)) from e

@@ -114,13 +114,15 @@ def infer(
         processed). Under torchrun every rank returns the code of the whole batch.
 
     Raises:
-        UsageError: no inputs, bundle folder, config or model missing, an unusable bundle, model or output folder, a
-            bad ``--explain`` option (exit 2).
+        UsageError: no inputs, bundle folder, config or model missing, an unusable bundle, model or output folder
+            (weights that do not fit the bundle's network among them: the message names the weights file, the
+            bundle's settings and the first mismatched keys or shapes), a bad ``--explain`` option (exit 2).
     """
     from volcnn.core.ranks import launched_world_size, quiet_unless_rank0
     from volcnn.explain import EXPLAIN_METHODS
     from volcnn.inference import exported_runner, load_bundle_runner
     from volcnn.inference.sharding import rank_device, torchrun_shard
+    from volcnn.models import WeightsMismatchError
 
     if not inputs:
         raise UsageError("no inputs given: pass NIfTI files or DICOM series folders")
@@ -143,7 +145,7 @@ def infer(
                 runner = load_bundle_runner(existing_dir(str(bundle), "bundle folder"), **overrides)
     except UsageError:
         raise
-    except FileNotFoundError as e:
+    except (FileNotFoundError, WeightsMismatchError) as e:  # their messages name the file and the problem
         raise UsageError(str(e)) from e
     except Exception as e:
         raise UsageError(f"{bundle or model}: cannot build the inference runner ({type(e).__name__}: {e})") from e

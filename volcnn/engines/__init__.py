@@ -16,6 +16,7 @@ from volcnn.engines.monitor import TrainingMonitor
 from volcnn.engines.prepare import AugmentOnDevice, train_random_sources
 from volcnn.engines.progress import progress_bar
 from volcnn.engines.roc_auc import RocAuc
+from volcnn.engines.run_record import RUN_FILE, RunRecordError, read_run_record, record_run
 from volcnn.engines.sampling import ShardSampler, make_sampler
 from volcnn.engines.trainer import AutocastInferer, NonFiniteLossError, SchedulerStepper, VolcnnTrainer
 from volcnn.engines.workflow import load_initial_weights, quiet_non_rank0, run_training, seed_everything
@@ -36,6 +37,8 @@ __all__ = [
     "NonFiniteLossError",
     "PredictionCollector",
     "RocAuc",
+    "RUN_FILE",
+    "RunRecordError",
     "SchedulerStepper",
     "TrainingCheckpointer",
     "TrainingMonitor",
@@ -49,6 +52,8 @@ __all__ = [
     "ShardSampler",
     "process_rank",
     "rank_seed",
+    "read_run_record",
+    "record_run",
     "world_size",
     "progress_bar",
     "quiet_non_rank0",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from volcnn.inference.runner import InferenceRunner
-from volcnn.models.bundle_config import bundle_parser
+from volcnn.models.bundle_config import bundle_parser, bundle_weights_error
 from volcnn.models.exported import load_exported
 
 __all__ = ["exported_runner", "load_bundle_runner"]
@@ -32,6 +32,9 @@ def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> 
 
     Raises:
         FileNotFoundError: naming the missing config or checkpoint.
+        WeightsMismatchError: the checkpoint does not fit the config's network; raised as itself, not as the
+            ``RuntimeError("Failed to evaluate ...")`` MONAI's parser wraps it in, and naming the bundle's
+            ``network_def``, ``patch_size`` and ``num_classes`` besides the weights file and the first mismatches.
         TypeError: the config's ``runner`` is not an :class:`InferenceRunner`.
     """
     root = Path(bundle_dir)
@@ -42,7 +45,13 @@ def load_bundle_runner(bundle_dir: str | os.PathLike[str], **overrides: Any) -> 
     ckpt = Path(str(parser.get_parsed_content("ckpt_path")))
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: model weights not found; train the bundle or copy its state dict there")
-    runner = parser.get_parsed_content("runner")
+    try:
+        runner = parser.get_parsed_content("runner")
+    except Exception as e:
+        mismatch = bundle_weights_error(e, parser, root)
+        if mismatch is None:
+            raise
+        raise mismatch from e
     if not isinstance(runner, InferenceRunner):
         raise TypeError(
             f"{root / 'configs' / 'inference.json'}: 'runner' must build a volcnn.inference.InferenceRunner, "

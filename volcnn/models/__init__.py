@@ -7,8 +7,10 @@ from volcnn.models.bundle_config import (
     CONFIG_FILE,
     INFERENCE_MODES,
     META_FILE,
+    bundle_network_label,
     bundle_overrides,
     bundle_parser,
+    bundle_weights_error,
     check_mode,
     describe_bundle,
     load_bundle_network,
@@ -25,7 +27,16 @@ from volcnn.models.exported import (
     load_exported,
     read_description,
 )
-from volcnn.models.weights import WEIGHT_KEYS, load_weights, model_info, read_state_dict, weights_key
+from volcnn.models.weights import (
+    WEIGHT_KEYS,
+    WeightsMismatchError,
+    find_weights_mismatch,
+    load_weights,
+    model_info,
+    read_state_dict,
+    weights_key,
+    weights_mismatches,
+)
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -41,10 +52,14 @@ __all__ = [
     "ExportedModelError",
     "OnnxModel",
     "TorchScriptModel",
+    "WeightsMismatchError",
+    "bundle_network_label",
     "bundle_overrides",
     "bundle_parser",
+    "bundle_weights_error",
     "check_mode",
     "describe_bundle",
+    "find_weights_mismatch",
     "fit_platt",
     "load_bundle_network",
     "load_exported",
@@ -55,4 +70,5 @@ __all__ = [
     "read_description",
     "read_state_dict",
     "weights_key",
+    "weights_mismatches",
 ]

@@ -16,15 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from volcnn.models.weights import load_weights
+from volcnn.models.weights import WeightsMismatchError, find_weights_mismatch, load_weights
 
 __all__ = [
     "CONFIG_FILE",
     "DESCRIPTION_VERSION",
     "INFERENCE_MODES",
     "META_FILE",
+    "bundle_network_label",
     "bundle_overrides",
     "bundle_parser",
+    "bundle_weights_error",
     "check_mode",
     "describe_bundle",
     "load_bundle_network",
@@ -153,6 +155,34 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
     }
 
 
+def bundle_network_label(parser: Any, bundle_dir: str | os.PathLike[str]) -> str:
+    """``"the network of bundle B (network_def 'x', patch_size [..], num_classes K)"``: the settings that decide which
+    weights fit, as the bundle's config gives them (a setting it cannot give reads ``?``)."""
+
+    def get(key: str) -> Any:
+        try:
+            value = parser.get_parsed_content(key, default=None)
+        except Exception:  # an expression that fails here fails again, with its own message, where it is used
+            return "?"
+        return "?" if value is None else value
+
+    network_def, patch_size, num_classes = get("network_def"), get("patch_size"), get("num_classes")
+    if isinstance(patch_size, list | tuple):
+        patch_size = list(patch_size)
+    settings = f"network_def {network_def!r}, patch_size {patch_size}, num_classes {num_classes}"
+    return f"the network of bundle {Path(bundle_dir)} ({settings})"
+
+
+def bundle_weights_error(
+    error: BaseException, parser: Any, bundle_dir: str | os.PathLike[str]
+) -> WeightsMismatchError | None:
+    """The :class:`~volcnn.models.weights.WeightsMismatchError` behind ``error`` (raised directly, or from inside a
+    config expression that MONAI wrapped), described with the bundle's settings (:func:`bundle_network_label`), or
+    ``None`` when ``error`` is something else."""
+    mismatch = find_weights_mismatch(error)
+    return None if mismatch is None else mismatch.for_network(bundle_network_label(parser, bundle_dir))
+
+
 def load_bundle_network(
     bundle_dir: str | os.PathLike[str],
     weights: str | os.PathLike[str] | None = None,
@@ -173,12 +203,16 @@ def load_bundle_network(
 
     Raises:
         FileNotFoundError: naming the missing config or weights.
-        RuntimeError: the weights do not fit the network.
+        WeightsMismatchError: the weights do not fit the network; the message names the weights file, the bundle's
+            ``network_def``, ``patch_size`` and ``num_classes``, and the first mismatched keys or shapes.
     """
     root = Path(bundle_dir).resolve()
     parser = bundle_parser(root, device=device)
     path = root / "models" / "model.pt" if weights is None else Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model weights not found; train the bundle or copy its state dict there")
-    network = load_weights(parser.get_parsed_content(net_id, instantiate=True), path, device)
+    try:
+        network = load_weights(parser.get_parsed_content(net_id, instantiate=True), path, device)
+    except WeightsMismatchError as e:
+        raise e.for_network(bundle_network_label(parser, root)) from e
     return network.to(device), describe_bundle(parser), parser

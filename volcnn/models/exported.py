@@ -46,6 +46,7 @@ from volcnn.models.bundle_config import (
     load_bundle_network,
     parser_from,
 )
+from volcnn.models.weights import WeightsMismatchError
 
 __all__ = [
     "EXPORTED_SUFFIXES",
@@ -250,7 +251,7 @@ def _load_state_dict(
         bundle_dir = guess
     try:
         network, description, _ = load_bundle_network(bundle_dir, path, device)
-    except FileNotFoundError:
+    except (FileNotFoundError, WeightsMismatchError):  # each names the file and the problem
         raise
     except Exception as e:
         raise ExportedModelError(f"{path}: cannot load the weights into the bundle's network ({e})") from e
