@@ -105,7 +105,8 @@ def test_packaged_bundle_holds_the_run_settings(packaged, run):
     assert meta["version"] == f"0.3.0+{weights_sha[:12]}" and "seed_cnn3d" in meta["changelog"][meta["version"]]
     assert _sha256(packaged / "models" / "model.pt") == weights_sha
     assert (packaged / "models" / "model.ts").is_file()
-    assert not (packaged / "models" / "calibration.json").exists()  # the run has none
+    # the evaluate overlay fitted a calibration on the validation patients: the bundle carries exactly that one
+    assert (packaged / "models" / "calibration.json").read_bytes() == (run / "calibration.json").read_bytes()
 
 
 def _window_probabilities(bundle: Path, rows: list[dict], cohort: Path, **overrides) -> tuple[np.ndarray, np.ndarray]:

@@ -3,9 +3,10 @@
 The classifier is trained with class-weighted loss on candidate patches (few nodules, many negatives), so its
 softmax probability is a score, not a frequency: the demo model gave p > 0.89 to 20 findings of one real CT. Platt
 scaling maps the positive-class probability ``p`` to ``sigmoid(a * logit(p) + b)``, with ``a`` and ``b`` fitted by
-maximum likelihood (scikit-learn's ``LogisticRegression`` on ``logit(p)``, practically unregularised) on the
-validation patients' candidates, which training never used. ``a`` undoes over- or under-confidence (a temperature,
-``T = 1 / a``), ``b`` the prior shift that class weighting introduces. The map is monotonic, so it changes no
+maximum likelihood (scikit-learn's ``LogisticRegression`` on ``logit(p)``, practically unregularised, against Platt's
+soft targets so that a separable validation set gives a finite slope) on the validation patients' candidates, which
+training never used. ``a`` undoes over- or under-confidence (a temperature, ``T = 1 / a``), ``b`` the prior shift
+that class weighting introduces. The map is monotonic, so it changes no
 ranking: AUCs and FROC curves stay as they are; what changes is what a probability means.
 
 The evaluate overlay fits it (``RUN/calibration.json``), ``volcnn package`` copies it to
@@ -132,9 +133,20 @@ def fit_platt(
     positives = int(y.sum())
     if positives < 2 or len(y) - positives < 2:
         raise ValueError(f"calibration needs at least two cases of each outcome, got {positives} of {len(y)} positive")
+    order = np.lexsort((y, p))  # the fit's last digits depend on the cases' order (DDP gathers reorder): fix it
+    p, y = p[order], y[order]
     q = np.clip(p, EPS, 1.0 - EPS)
     logit = (np.log(q) - np.log1p(-q))[:, None]
-    model = LogisticRegression(C=1e6, max_iter=1000).fit(logit, y)
+    # Platt's (1999) targets: (N+ + 1) / (N+ + 2) for positives, 1 / (N- + 2) for negatives, not 1 and 0. Validation
+    # sets are small and often separable (AUC 1.0), where hard targets drive the slope towards infinity and every
+    # calibrated probability to 0 or 1; the soft targets keep it finite. Each case enters twice, as a positive with
+    # weight t and a negative with weight 1 - t (cross-entropy against the soft target t).
+    target = np.where(y == 1, (positives + 1.0) / (positives + 2.0), 1.0 / (len(y) - positives + 2.0))
+    model = LogisticRegression(C=1e6, tol=1e-10, max_iter=10000).fit(
+        np.concatenate([logit, logit]),
+        np.concatenate([np.ones_like(y), np.zeros_like(y)]),
+        sample_weight=np.concatenate([target, 1.0 - target]),
+    )
     a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
     if a <= 0:  # the scores rank the outcomes backwards: a calibration would invert them
         raise ValueError(f"the probabilities do not increase with the outcome (fitted slope {a:.3g}); not calibrating")
