@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 import tempfile
@@ -95,7 +94,6 @@ def run(
     if done.returncode not in (0, 1):
         raise RuntimeError(f"volcnn infer failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = evaluate_findings(out, annotations, out_dir=out)
-    operating = _fps_at_operating_threshold(out, annotations)
     return {
         "bundle": str(bundle),
         "seeds": seeds,
@@ -105,42 +103,9 @@ def run(
         "cpm": result["cpm"],
         "sensitivities": result["sensitivities"],
         "per_scan": result.get("per_scan"),
-        "operating_point": operating,
+        "operating_point": result.get("operating_point"),
         "infer_seconds": round(seconds, 1),
         "infer_args": extra or [],
-    }
-
-
-def _fps_at_operating_threshold(out: Path, annotations: Path) -> dict[str, Any]:
-    """False positives per scan and sensitivity among the findings at or above each case's operating threshold
-    (``findings.json``'s ``operating_threshold``, else every finding counts)."""
-    from volcnn.evaluation.findings import read_annotations
-
-    nodules, _ = read_annotations(annotations)
-    fp = tp = scans = 0
-    total = sum(len(v) for v in nodules.values())
-    for path in sorted(out.glob("*/findings.json")):
-        doc = json.loads(path.read_text())
-        case = path.parent.name
-        cut = doc.get("operating_threshold")
-        kept = [f for f in doc["findings"] if cut is None or f["probability"] >= cut]
-        found = set()
-        for f in kept:
-            hits = [
-                i
-                for i, (c, d) in enumerate(nodules.get(case, []))
-                if sum((a - b) ** 2 for a, b in zip(f["center_ras_mm"], c, strict=True)) ** 0.5 <= d / 2
-            ]
-            if hits:
-                found.update(hits)
-            else:
-                fp += 1
-        tp += len(found)
-        scans += 1
-    return {
-        "fps_per_scan": round(fp / max(1, scans), 3),
-        "sensitivity": round(tp / max(1, total), 3),
-        "threshold": "operating_threshold of findings.json",
     }
 
 
@@ -161,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for rate, sens in result["sensitivities"].items():
         print(f"  {rate:>6} FP/scan  sensitivity {sens:.3f}")
     op = result["operating_point"]
-    print(f"  at the operating threshold: {op['fps_per_scan']} FP/scan, sensitivity {op['sensitivity']}")
+    if op:
+        print(f"  at the operating threshold {op['threshold']}: {op['fps_per_scan']:.2f} FP/scan, sensitivity "
+              f"{op['sensitivity']:.3f}")  # fmt: skip
     if result.get("per_scan"):
         print(f"  per-scan AUC of the volume score: {result['per_scan'].get('auc')}")
     if args.out is not None:

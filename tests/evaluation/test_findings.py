@@ -33,11 +33,12 @@ FINDINGS = {
 }
 
 
-def _write_run(root: Path, findings: dict = FINDINGS) -> Path:
-    """A 'volcnn infer' output folder as the runner writes it."""
+def _write_run(root: Path, findings: dict = FINDINGS, operating: dict | None = None) -> Path:
+    """A 'volcnn infer' output folder as the runner writes it (``operating``: case -> its operating threshold)."""
     out = root / "infer"
     for case, items in findings.items():
         doc = {
+            **({"operating_threshold": operating[case]} if operating and case in operating else {}),
             "case": case,
             "score": max((p for _, p in items), default=0.0),
             "score_method": "max",
@@ -273,3 +274,19 @@ def test_per_scan_auc_of_the_volume_score(tmp_path):
     undefined = evaluate_findings(_write_run(tmp_path / "c", only), csv)["per_scan"]
     assert undefined["auc"] is None and "undefined" in undefined["reason"]
     assert "per scan" in format_table(result)
+
+
+def test_operating_point_at_the_threshold_the_findings_name(tmp_path, caplog):
+    """At 0.65: case_001's 0.9 finding hits its 8 mm nodule; case_000's 0.7 and case_001's 0.8 are false positives;
+    the 0.6 and 0.4 findings are below it. 3 nodules in the 3 inferred scans."""
+    csv = _luna16_csv(tmp_path / "annotations.csv")
+    result = evaluate_findings(_write_run(tmp_path / "a", operating=dict.fromkeys(FINDINGS, 0.65)), csv)
+    op = result["operating_point"]
+    assert (op["threshold"], op["num_tp"], op["num_fp"]) == (0.65, 1, 2)
+    assert op["sensitivity"] == pytest.approx(1 / 3) and op["fps_per_scan"] == pytest.approx(2 / 3)
+    assert "operating threshold 0.65: sensitivity 0.333, 0.67 false positives per scan" in format_table(result)
+    assert "operating_point" not in evaluate_findings(_write_run(tmp_path / "b"), csv)  # findings name none
+    mixed = {"case_000": 0.65, "case_001": 0.65, "case_002": 0.5}
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_findings(_write_run(tmp_path / "c", operating=mixed), csv)
+    assert "operating_point" not in result and any("different operating thresholds" in w for w in result["warnings"])

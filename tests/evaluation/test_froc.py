@@ -43,6 +43,21 @@ EXCLUDED = {"B": [((30, 30, 30), 6)]}
 CASES = ["A", "B", "C", "D"]
 
 
+@pytest.mark.parametrize(
+    "threshold, point",
+    [
+        # >= 0.75: A's 0.9 hits, B's 0.9 (4.1 mm from an 8 mm nodule) and A's 0.8 are FPs, B's 0.85 is excluded
+        (0.75, {"sensitivity": 0.25, "fps_per_scan": 0.5, "num_tp": 1, "num_fp": 2}),
+        (0.7, {"sensitivity": 0.5, "fps_per_scan": 0.5, "num_tp": 2, "num_fp": 2}),  # the curve's 0.7 point
+        (0.95, {"sensitivity": 0.0, "fps_per_scan": 0.0, "num_tp": 0, "num_fp": 0}),
+    ],
+)
+def test_operating_point_reads_the_findings_a_user_is_shown(threshold, point):
+    r = froc(FINDINGS, NODULES, CASES, EXCLUDED, operating_threshold=threshold)
+    assert r["operating_point"] == {"threshold": threshold, **point}
+    assert "operating_point" not in froc(FINDINGS, NODULES, CASES, EXCLUDED)
+
+
 def test_hand_computed_example():
     r = froc(FINDINGS, NODULES, CASES, EXCLUDED)
     assert r["curve"]["thresholds"] == [0.9, 0.8, 0.7, 0.6, 0.3]

@@ -152,17 +152,37 @@ def read_findings(findings_dir: str | os.PathLike[str]) -> dict[str, list[tuple[
     return out
 
 
-def read_scores(findings_dir: str | os.PathLike[str]) -> dict[str, float]:
-    """``{case: score}``: the volume score of every ``findings_dir/<case>/findings.json`` that has one."""
+def _read_numbers(findings_dir: str | os.PathLike[str], key: str) -> dict[str, float]:
+    """``{case: value}`` of the finite number ``key`` of every ``findings_dir/<case>/findings.json`` that has one."""
     out: dict[str, float] = {}
     for path in sorted(Path(findings_dir).glob("*/findings.json")):
         try:
-            score = json.loads(path.read_text(encoding="utf-8")).get("score")
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read findings ({e})") from e
-        if isinstance(score, int | float) and math.isfinite(score):
-            out[path.parent.name] = float(score)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[path.parent.name] = float(value)
     return out
+
+
+def read_scores(findings_dir: str | os.PathLike[str]) -> dict[str, float]:
+    """``{case: score}``: the volume score of every ``findings_dir/<case>/findings.json`` that has one."""
+    return _read_numbers(findings_dir, "score")
+
+
+def _operating_threshold(root: Path, cases: Sequence[str], warnings: list[str]) -> float | None:
+    """The ``operating_threshold`` the evaluated cases' ``findings.json`` share; None (with a warning when they
+    disagree) when there is none to read the operating point at."""
+    thresholds = _read_numbers(root, "operating_threshold")
+    values = {thresholds[c] for c in cases if c in thresholds}
+    if len(values) == 1 and all(c in thresholds for c in cases):
+        return values.pop()
+    if values:
+        warnings.append(
+            f"the findings in {root} name {len(values)} different operating thresholds (or some none): no operating "
+            "point reported; infer every case with one bundle"
+        )
+    return None
 
 
 def per_scan_auc(scores: dict[str, float], cases: Sequence[str], nodules: Annotations) -> dict[str, Any]:
@@ -233,7 +253,9 @@ def evaluate_findings(
         ``not_inferred`` (annotated cases without ``findings.json``, sorted), ``num_not_inferred``,
         ``num_scans_without_nodules`` (evaluated cases with no annotation row), ``num_failed_inputs`` (from the
         run's ``failures.json``), ``per_scan`` (:func:`per_scan_auc`: the ROC AUC of the findings' volume
-        ``score`` for "has a nodule"), ``warnings`` (messages) and, with ``out_dir``, ``outputs``.
+        ``score`` for "has a nodule"), ``operating_point`` (sensitivity and false positives per scan of the findings
+        at or above the ``operating_threshold`` their ``findings.json`` name, when they all name the same one),
+        ``warnings`` (messages) and, with ``out_dir``, ``outputs``.
 
     Raises:
         ValueError: no ``findings.json``; unreadable or malformed CSV / findings; no case in common between the
@@ -275,6 +297,7 @@ def evaluate_findings(
     failed = _failed_inputs(root)
     if failed:
         warnings.append(f"{failed} input(s) failed inference (see {root / 'failures.json'}) and were not evaluated")
+    operating = _operating_threshold(root, evaluated, warnings)
     for message in warnings:
         logger.warning("%s", message)
     try:
@@ -286,6 +309,7 @@ def evaluate_findings(
             fp_rates=fp_rates,
             bootstrap=bootstrap,
             seed=seed,
+            operating_threshold=operating,
         )
     except ValueError as e:
         raise ValueError(f"evaluating {root} against {annotations}: {e}") from e
@@ -339,6 +363,12 @@ def format_table(result: dict[str, Any]) -> str:
         key = rate_key(rate)
         lines.append(f"  {key:>8}  {result['sensitivities'][key]:>11.3f}" + interval(ci_sens.get(key)))
     lines.append(f"  {'CPM':>8}  {result['cpm']:>11.3f}" + interval(ci.get("cpm")))
+    op = result.get("operating_point")
+    if op:
+        lines.append(
+            f"at the operating threshold {op['threshold']:.3g}: sensitivity {op['sensitivity']:.3f}, "
+            f"{op['fps_per_scan']:.2f} false positives per scan"
+        )
     scan = result.get("per_scan") or {}
     if scan:
         auc = "undefined" if scan.get("auc") is None else f"{scan['auc']:.3f}"

@@ -204,6 +204,7 @@ def froc(
     bootstrap: int = 0,
     confidence: float = 0.95,
     seed: int = 0,
+    operating_threshold: float | None = None,
 ) -> dict[str, Any]:
     """FROC curve, sensitivity at fixed FP rates and CPM of a nodule detector, by the LUNA16 rules.
 
@@ -220,6 +221,7 @@ def froc(
         bootstrap: number of resamples of the scans (with replacement) for percentile intervals; 0: none.
         confidence: level of the bootstrap intervals, in (0, 1).
         seed: seed of the bootstrap.
+        operating_threshold: a probability at which to read one point of the curve (the findings a user is shown).
 
     Returns:
         JSON-serialisable ``{"cpm", "sensitivities": {rate_key(rate): sensitivity}, "fp_rates",
@@ -227,7 +229,8 @@ def froc(
         "num_tp", "num_fp", "num_ignored_duplicate", "num_ignored_excluded"}``; ``num_tp`` is the number of
         detected nodules at the lowest threshold. With ``bootstrap`` also ``"bootstrap": {"resamples", "used",
         "confidence", "seed", "cpm": [low, high], "sensitivities": {key: [low, high]}}`` (resamples without a
-        nodule are not used).
+        nodule are not used). With ``operating_threshold`` also ``"operating_point": {"threshold", "sensitivity",
+        "fps_per_scan", "num_tp", "num_fp"}`` of the findings with probability >= the threshold, matched as above.
 
     Raises:
         ValueError: no scans, duplicate cases, no nodule in the evaluated scans, a non-positive nodule
@@ -275,6 +278,16 @@ def froc(
         "num_ignored_duplicate": sum(s.duplicates for s in scans),
         "num_ignored_excluded": sum(s.excluded for s in scans),
     }
+    if operating_threshold is not None:
+        t = float(operating_threshold)
+        hits, false = int(np.count_nonzero(tp_probs >= t)), int(np.count_nonzero(fp_probs >= t))
+        result["operating_point"] = {
+            "threshold": t,
+            "sensitivity": hits / num_nodules,
+            "fps_per_scan": false / len(scans),
+            "num_tp": hits,
+            "num_fp": false,
+        }
     if bootstrap:
         result["bootstrap"] = _bootstrap(scans, sweep, rates, bootstrap, confidence, seed)
     return result
