@@ -1,11 +1,14 @@
-"""The demo (``make demo``): synthetic cohort -> bundle training -> evaluation -> package -> export -> inference.
+"""The demo (``make demo``): synthetic cohort -> bundle training -> evaluation -> hard-negative mining ->
+evaluation -> package -> export -> whole-CT inference and FROC, before and after mining side by side.
 
 Every step goes through the interfaces a user has: ``volcnn synth``, ``python -m monai.bundle run training`` with
-CPU-sized overrides on the command line (the bundle keeps its GPU defaults), the evaluate overlay, ``volcnn package``
-(the run's recorded settings and best weights in a copy of the bundle, checked offline, ``models/model.ts``),
-``volcnn export`` and ``volcnn infer``.
+CPU-sized overrides on the command line (the bundle keeps its GPU defaults), the evaluate overlay (which also fits
+the probability calibration on the validation patients), ``volcnn mine`` (the training CTs' false positives become
+negatives, training continues), ``volcnn package`` (the run's recorded settings, best weights and calibration in a
+copy of the bundle, checked offline, ``models/model.ts``), ``volcnn export``, ``volcnn infer`` and
+``volcnn evaluate-findings``.
 
-    python -m pipelines.demo --out demo_out [--cases 40] [--epochs 15]     # from the repository root
+    python -m pipelines.demo --out demo_out [--cases 40] [--epochs 15] [--mine-epochs 8]   # from the repository root
 """
 
 from __future__ import annotations
@@ -46,7 +49,13 @@ CPU_SETTINGS = {
     # channels-last 3D weights: faster for valid_cnn3d, nothing gained for resnet10 (`compute` section of the
     # benchmark, pipelines/PERFORMANCE.md), so the bundle's default stays off
     "channels_last": True,
+    # every batch half nodules, unweighted loss: on 30 CTs of two unseen cohort seeds CPM 0.778 against 0.548 for the
+    # class-weighted loss on the datalist's 1:30 mix (python -m pipelines.bench_detection; README "Measured")
+    "sampling": "balanced",
+    "class_weighting": "none",
 }
+#: ``volcnn mine`` options: one round; findings beyond a nodule's radius + 10 mm become negatives
+MINE_OPTIONS = ["--rounds", "1", "--margin-mm", "10"]
 #: ``volcnn infer`` options: a heat map on a 4 mm grid, dense where the network splits and agrees with its windows
 INFER_OPTIONS = ["--stride-mm", "4.0", "--heatmap-method", "auto"]
 
@@ -98,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=15, help="training epochs")
     parser.add_argument("--seed", type=int, default=0, help="cohort and training seed")
     parser.add_argument("--negatives", type=int, default=30, help="negative candidates per case")
+    parser.add_argument("--mine-epochs", type=int, default=8, help="training epochs of the mining round (0: no mining)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out.resolve()
-    data, bundle, train, infer = out / "data", out / "bundle", out / "train", out / "inference"
+    data, train = out / "data", out / "train"
     start = time.time()
 
     print(f"=== synthetic cohort: {args.cases} small cases -> {data}", flush=True)
@@ -113,72 +123,119 @@ def main(argv: list[str] | None = None) -> int:
         pos, neg = c["positive"], c["negative"]
         print(f"  {split:<10} {counts['cases']:>3} patients, {pos:>3} nodule / {neg:>4} non-nodule candidates")
 
-    common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--datalist", str(data / "datalist.json"),
-              "--output_dir", str(train),
-              *_overrides({**CPU_SETTINGS, "max_epochs": args.epochs, "seed": args.seed})]  # fmt: skip
+    paths = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--datalist", str(data / "datalist.json")]
+    settings = [*paths, *_overrides({**CPU_SETTINGS, "max_epochs": args.epochs, "seed": args.seed})]
     monai = [sys.executable, "-m", "monai.bundle", "run"]
-    _run([*monai, "training", "--config_file", str(BUNDLE / "configs" / "train.json"), *common], "training")
-    configs = f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'evaluate.json'}']"
-    _run([*monai, "--config_file", configs, *common], "evaluation on the unseen test patients")
-    _run([sys.executable, "-m", "volcnn", "package", str(train), "--out", str(bundle)],
-         "packaging the run as a bundle (its recorded settings, best weights, offline check)")  # fmt: skip
+    train_json = str(BUNDLE / "configs" / "train.json")
+    configs = f"['{train_json}','{BUNDLE / 'configs' / 'evaluate.json'}']"
+    _run([*monai, "training", "--config_file", train_json, *settings, "--output_dir", str(train)], "training")
+    _run([*monai, "--config_file", configs, *settings, "--output_dir", str(train)],
+         "evaluation on the unseen test patients (and calibration on the validation patients)")  # fmt: skip
+    runs = {"before mining": train}
+    if args.mine_epochs > 0:
+        _run([sys.executable, "-m", "volcnn", "mine", str(train), "--config_file", train_json,
+              "--annotations", str(data / "annotations.csv"), *MINE_OPTIONS, "--epochs", str(args.mine_epochs),
+              *settings],
+             "hard-negative mining: the training CTs' false positives become negatives, training goes on")  # fmt: skip
+        mined = train / "mining" / "round_1"
+        _run([*monai, "--config_file", configs, *settings, "--output_dir", str(mined)],
+             "evaluation of the mined model on the unseen test patients")  # fmt: skip
+        runs["after mining"] = mined
 
     test_images = sorted({e["image"] for e in json.loads((data / "datalist.json").read_text())["test"]})
     unseen = [str(data / image) for image in test_images]
-    _run([sys.executable, "-m", "volcnn", "export", "--bundle", str(bundle)], "export to TorchScript and ONNX")
-    _run([sys.executable, "-m", "volcnn", "infer", "--bundle", str(bundle), "--out", str(infer), "--explain", "1",
-          *INFER_OPTIONS, *unseen],
-         f"whole-CT inference on the {len(unseen)} unseen CTs, Grad-CAM of each top finding")  # fmt: skip
     test_nodules = _test_annotations(data / "nodules.csv", {Path(u).name.split(".")[0] for u in unseen}, out)
-    _run([sys.executable, "-m", "volcnn", "evaluate-findings", str(infer), "--annotations", str(test_nodules)],
-         "detection evaluation (FROC / CPM) of the unseen CTs")  # fmt: skip
+    results: dict[str, dict[str, Path]] = {}
+    for i, (label, run) in enumerate(runs.items()):
+        last = i == len(runs) - 1  # the demo's bundle: exported, explained
+        bundle, infer = (
+            (out / "bundle", out / "inference") if last else (out / "bundle_initial", out / "inference_initial")
+        )
+        _run([sys.executable, "-m", "volcnn", "package", str(run), "--out", str(bundle)],
+             f"packaging the run {label} (settings, best weights, calibration; offline check)")  # fmt: skip
+        if last:
+            _run([sys.executable, "-m", "volcnn", "export", "--bundle", str(bundle)], "export to TorchScript and ONNX")
+        explain = ["--explain", "1"] if last else []
+        _run([sys.executable, "-m", "volcnn", "infer", "--bundle", str(bundle), "--out", str(infer), *explain,
+              *INFER_OPTIONS, *unseen],
+             f"whole-CT inference on the {len(unseen)} unseen CTs ({label})")  # fmt: skip
+        _run([sys.executable, "-m", "volcnn", "evaluate-findings", str(infer), "--annotations", str(test_nodules)],
+             f"detection evaluation (FROC / CPM) of the unseen CTs ({label})")  # fmt: skip
+        results[label] = {"run": run, "bundle": bundle, "infer": infer}
 
-    metrics = json.loads((train / "metrics.json").read_text())
     case = Path(unseen[0]).name.split(".")[0]
-    findings = json.loads((infer / case / "findings.json").read_text())
-    m = metrics["metrics"]
-    auc, ci = m.get("auc"), m.get("auc_ci95")
     print("\n" + "=" * 72)
-    print(
-        f"evaluation on {m['num_samples']} candidates of unseen test patients "
-        f"({m['num_positive']} nodules, {m['num_negative']} non-nodules):"
-    )
-    print(f"  ROC AUC {_fmt(auc)}  (95% bootstrap CI {_fmt(ci[0]) if ci else 'n/a'}-{_fmt(ci[1]) if ci else 'n/a'})")
-    print(
-        f"  at the threshold {m['threshold']:.3f} chosen on {m['threshold_source']}: sensitivity "
-        f"{_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])}, precision {_fmt(m['precision'])}, "
-        f"F1 {_fmt(m['f1'])}; calibration error (ECE) {_fmt(m['ece'])}"
-    )
-    at = m.get("at_target_sensitivity")
-    if at:
-        print(
-            f"  at the validation threshold for sensitivity >= {at['target']}: sensitivity {_fmt(at['sensitivity'])}, "
-            f"specificity {_fmt(at['specificity'])}"
-        )
-    print(f"  nodule vs non-nodule separated (ROC AUC >= 0.9): {'yes' if auc is not None and auc >= 0.9 else 'NO'}")
-    print(f"evaluation report: {train / 'report.html'}  (metrics.json, predictions.csv, roc/confusion/calibration.png)")
+    _print_candidates(json.loads((train / "metrics.json").read_text()))
     print(f"TensorBoard logs:  tensorboard --logdir {train / 'tensorboard'}")
-    print(f"trained bundle:    {bundle}  (models/model.pt, models/model.ts, models/model.onnx)")
-    print(f"inference on {case}: score {findings['score']:.3f}, {len(findings['findings'])} findings")
-    for truth in _nodules_of(data / "nodules.csv", case):
-        if not findings["findings"]:
-            print(f"  planted nodule {truth[3]:.1f} mm at RAS {truth[:3]}: no finding")
-            continue
-        near = min(findings["findings"], key=lambda f: math.dist(f["center_ras_mm"], truth[:3]))
-        gap = math.dist(near["center_ras_mm"], truth[:3])
-        print(
-            f"  planted nodule {truth[3]:.1f} mm at RAS {truth[:3]}: nearest finding {gap:.1f} mm away"
-            f" (p={near['probability']:.2f})"
-        )
+    _print_comparison(results, data / "nodules.csv", case)
+    final = results[list(results)[-1]]
+    findings = json.loads((final["infer"] / case / "findings.json").read_text())
+    print(f"trained bundle:    {final['bundle']}  (models/model.pt, calibration.json, model.ts, model.onnx)")
     for e in findings.get("explanations", []):
-        print(f"  explanation of finding {e['rank']} (p={e['probability']:.2f}): {infer / case / e['png']}")
-    froc = json.loads((infer / "froc.json").read_text())
-    print(f"  detection: CPM {froc['cpm']:.3f} over {froc['num_scans']} scan(s) ({infer / 'froc.png'})")
-    print(f"  heat map:  {infer / case / 'heatmap.nii.gz'}")
-    print(f"  findings:  {infer / case / 'findings.json'}")
-    print(f"  summary:   {infer / 'summary.csv'}")
+        print(f"  explanation of finding {e['rank']} (p={e['probability']:.2f}): {final['infer'] / case / e['png']}")
+    print(f"  heat map:  {final['infer'] / case / 'heatmap.nii.gz'}")
+    print(f"  findings:  {final['infer'] / case / 'findings.json'}")
+    print(f"  FROC:      {final['infer'] / 'froc.png'}; summary: {final['infer'] / 'summary.csv'}")
     print(f"total time: {time.time() - start:.0f} s")
     return 0
+
+
+def _print_candidates(metrics: dict) -> None:
+    """The candidate classifier's evaluation on the unseen test patients (the run before mining)."""
+    m = metrics["metrics"]
+    auc, ci = m.get("auc"), m.get("auc_ci95")
+    print(
+        f"candidates of unseen test patients ({m['num_positive']} nodules, {m['num_negative']} non-nodules): "
+        f"ROC AUC {_fmt(auc)} (95% bootstrap CI {_fmt(ci[0]) if ci else 'n/a'}-{_fmt(ci[1]) if ci else 'n/a'})"
+    )
+    print(
+        f"  at the threshold {m['threshold']:.3f} chosen on {m['threshold_source']}: sensitivity "
+        f"{_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])}, precision {_fmt(m['precision'])}"
+    )
+    print(f"  nodule vs non-nodule separated (ROC AUC >= 0.9): {'yes' if auc is not None and auc >= 0.9 else 'NO'}")
+
+
+def _print_comparison(results: dict[str, dict[str, Path]], nodules_csv: Path, case: str) -> None:
+    """Before / after mining, side by side: candidate AUC, calibration, whole-CT FROC, the showcase CT."""
+    rows: dict[str, list[str]] = {}
+    for r in results.values():
+        m = json.loads((r["run"] / "metrics.json").read_text())["metrics"]
+        froc = json.loads((r["infer"] / "froc.json").read_text())
+        cal, op, scan = m.get("calibration") or {}, froc.get("operating_point") or {}, froc.get("per_scan") or {}
+        findings = json.loads((r["infer"] / case / "findings.json").read_text())
+        gaps = []
+        for truth in _nodules_of(nodules_csv, case):
+            near = min((math.dist(f["center_ras_mm"], truth[:3]) for f in findings["findings"]), default=None)
+            gaps.append("no finding" if near is None else f"{near:.1f} mm")
+        column = [
+            _fmt(m.get("auc")),
+            f"{_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))}" if cal else "not fitted",
+            _fmt(froc["cpm"]),
+            _fmt(froc["sensitivities"].get("1")),
+            f"{_fmt(op.get('sensitivity'))} / {op['fps_per_scan']:.2f}" if op else "n/a",
+            _fmt(scan.get("auc")),
+            ", ".join(gaps) or "no nodule",
+            f"{findings['score']:.3f}, {len(findings['findings'])} findings",
+        ]
+        for name, value in zip(_ROWS, column, strict=True):
+            rows.setdefault(name, []).append(value)
+    width = max(map(len, _ROWS))
+    print(f"\n{'':<{width}}  " + "  ".join(f"{label:>22}" for label in results))
+    for name, values in rows.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>22}" for v in values))
+
+
+#: rows of the before / after table
+_ROWS = (
+    "candidate ROC AUC (test)",
+    "ECE before -> after calibration",
+    "FROC CPM (unseen CTs)",
+    "sensitivity at 1 FP/scan",
+    "at operating threshold: sens / FP per scan",
+    "per-scan AUC (volume score)",
+    "showcase CT: nearest finding to each nodule",
+    "showcase CT: volume score",
+)
 
 
 def _fmt(value: float | None) -> str:
