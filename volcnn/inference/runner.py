@@ -46,6 +46,7 @@ from volcnn.inference.cases import case_names
 from volcnn.inference.dense import DEFAULT_TILE_MB
 from volcnn.inference.findings import NMS_METHODS, SCORE_METHODS, find_peaks, volume_score
 from volcnn.inference.heatmap_strategy import HEATMAP_METHODS, HeatmapStrategy
+from volcnn.inference.refine import FlipMean, refine_findings, refinement_steps
 from volcnn.inference.sharding import Shard
 from volcnn.inference.volume_mode import VolumeModeProcessor
 from volcnn.io.input_hash import input_sha256
@@ -106,6 +107,8 @@ class InferenceRunner:
             ``patch_size`` as in evaluation and classified once; see :mod:`volcnn.inference.volume_mode`).
         margin: the training chain's ``margin``, for volume mode's preprocessing (it does not change a fitted
             volume).
+        refine_mm: move each finding to the classifier's most probable window within about this distance of its
+            heat-map peak (coarse-to-fine, :mod:`volcnn.inference.refine`); 0: findings stay on the heat-map grid.
 
     Raises:
         ValueError: unknown ``score``, ``method`` or ``mode``, or ``method="dense"`` for a network that cannot be
@@ -143,6 +146,7 @@ class InferenceRunner:
         flips: bool = False,
         mode: str = "candidate",
         margin: int = 8,
+        refine_mm: float = 0.0,
     ) -> None:
         if score not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score!r}; choose one of {', '.join(SCORE_METHODS)}")
@@ -179,6 +183,8 @@ class InferenceRunner:
         self.operating_threshold = self.threshold if operating_threshold is None else float(operating_threshold)
         self.nms = nms
         self.flips = as_bool(flips)
+        self.refine_mm = float(refine_mm)
+        self._refine_steps = refinement_steps(self.refine_mm, self.pixdim)
         self.mode = check_mode(mode)
         self.margin = int(margin)
         self.explain = 0  # explain the N most probable findings per case (set by ``volcnn infer --explain N``)
@@ -241,6 +247,7 @@ class InferenceRunner:
             "nms": self.nms,
             "operating_threshold": self.operating_threshold,
             "flips": self.flips,
+            "refine_mm": self.refine_mm,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
         normalised: dict[str, Any] = json.loads(json.dumps(settings))
@@ -364,7 +371,7 @@ class InferenceRunner:
         del vol  # preprocess_loaded drops the last reference once the chain's loader has the volume
         image = preprocess_loaded(self._chain, handed)
         raw_heat, heat_affine, how = self.heatmap(image, case)
-        findings = self._findings(raw_heat, heat_affine)
+        findings = self._findings(raw_heat, heat_affine, image)
         heat = raw_heat if self.calibration is None else self.calibration.apply(raw_heat)
         del raw_heat
         for f in findings:
@@ -399,15 +406,22 @@ class InferenceRunner:
         atomic_write_json(case_dir / "findings.json", doc)
         return {"case": case, "score": doc["score"], "n_findings": len(findings), "max_probability": max_probability}
 
-    def _findings(self, raw_heat: np.ndarray, heat_affine: np.ndarray) -> list[dict[str, Any]]:
+    def _findings(self, raw_heat: np.ndarray, heat_affine: np.ndarray, image: torch.Tensor) -> list[dict[str, Any]]:
         """Peaks of the uncalibrated map (the calibration is monotonic: the same peaks, positions and blobs) at or
-        above the threshold's uncalibrated value, each with its calibrated ``probability`` and, when calibrated,
-        ``probability_uncalibrated``."""
+        above the threshold's uncalibrated value, moved to the classifier's local maximum when ``refine_mm`` is set
+        (:func:`~volcnn.inference.refine.refine_findings`), each with its calibrated ``probability`` and, when
+        calibrated, ``probability_uncalibrated``."""
         cal = self.calibration
         threshold = self.threshold if cal is None else cal.invert(self.threshold)
         findings = find_peaks(
             raw_heat, heat_affine, threshold, self.min_distance_mm, self.max_findings, size_aware=self.nms == "size"
         )
+        if self._refine_steps:
+            network = FlipMean(self.network) if self.flips else self.network
+            findings = refine_findings(
+                image, network, findings, self.patch_size, self._refine_steps, min_distance_mm=self.min_distance_mm,
+                batch_size=self.batch_size, device=self.device, class_index=self.class_index,
+            )  # fmt: skip
         if cal is not None:
             for f in findings:
                 raw = f["probability"]
