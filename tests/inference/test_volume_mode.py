@@ -266,7 +266,7 @@ def test_exported_volume_mode_model_runs_in_volume_mode(volume_bundle, tmp_path)
     reference = json.loads((tmp_path / "bundle" / "oblique" / "findings.json").read_text())
     for fmt, path in paths.items():
         description = read_description(path)
-        assert (description["mode"], description["margin"], description["description_version"]) == ("volume", 2, 2)
+        assert (description["mode"], description["margin"], description["description_version"]) == ("volume", 2, 3)
         assert infer_main(None, tmp_path / fmt, [str(scan)], model=path, device="cpu", progress=False) == 0
         doc = json.loads((tmp_path / fmt / "oblique" / "findings.json").read_text())
         assert doc["mode"] == "volume" and doc["settings"] == reference["settings"]

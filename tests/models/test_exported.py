@@ -24,6 +24,7 @@ from volcnn.models.exported import (
     ExportedModelError,
     OnnxModel,
     TorchScriptModel,
+    _finding_settings,
     load_exported,
     read_description,
 )
@@ -273,3 +274,30 @@ def test_exported_models_on_cuda(exported) -> None:
             out = net.to("cuda")(x.cuda())
             assert out.device.type == "cuda"
             torch.testing.assert_close(torch.softmax(out, dim=1).cpu(), reference, atol=ATOL, rtol=0, msg=fmt)
+
+
+def test_export_carries_the_findings_settings_and_calibration(tmp_path: Path) -> None:
+    """An exported model reports the findings its bundle does: the bundle's finding settings (changed here from the
+    defaults) and its calibration are embedded, and ``volcnn infer --model`` builds its runner with them; an old
+    description without them still loads, on the runner's defaults."""
+    from volcnn.inference import exported_runner
+    from volcnn.models import Calibration
+
+    bundle, _ = make_bundle(
+        tmp_path, "seed_cnn3d", 16, threshold=0.2, operating_threshold=0.7, refine_mm=3.0, nms="fixed", score="max"
+    )
+    calibration = Calibration(a=0.8, b=-1.5, num_cases=40, num_positive=6)
+    calibration.write(bundle / "models" / "calibration.json")
+    export_bundle(bundle)
+    for fmt in FORMATS:
+        _, plain = load_exported(bundle / "models" / f"model.{fmt}")
+        assert "threshold" not in plain and "calibration" not in plain  # the model settings only, as before
+        runner = exported_runner(bundle / "models" / f"model.{fmt}", device="cpu", progress=False)
+        assert (runner.threshold, runner.operating_threshold, runner.refine_mm) == (0.2, 0.7, 3.0), fmt
+        assert (runner.nms, runner.score, runner.calibration) == ("fixed", "max", calibration), fmt
+        assert exported_runner(bundle / "models" / f"model.{fmt}", device="cpu", threshold=0.4).threshold == 0.4
+    description = read_description(bundle / "models" / "model.ts")
+    old = {k: v for k, v in description.items() if k != "findings"}
+    assert _finding_settings(Path("old.ts"), old) == {}
+    with pytest.raises(ExportedModelError, match="old.ts.*findings"):
+        _finding_settings(Path("old.ts"), {**old, "findings": [1, 2]})

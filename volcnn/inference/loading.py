@@ -78,5 +78,5 @@ def exported_runner(model: str | os.PathLike[str], **overrides: Any) -> Inferenc
         overrides["flips"] = overrides.pop("tta_flips")
     if overrides.pop("heatmap_method", "window") == "dense":
         raise ValueError("an exported model runs window by window only (its graph cannot be split into trunk and head)")
-    network, settings = load_exported(model, device=device)
+    network, settings = load_exported(model, device=device, findings=True)
     return InferenceRunner(network, **{**settings, "device": device, "method": "window", **overrides})

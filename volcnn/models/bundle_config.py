@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from volcnn.models.calibration import read_calibration
 from volcnn.models.weights import WeightsMismatchError, find_weights_mismatch, load_weights
 
 __all__ = [
@@ -35,8 +36,13 @@ __all__ = [
 
 #: the bundle configs that define the model for inference, and its metadata (under ``configs/``)
 CONFIG_FILE, META_FILE = "inference.json", "metadata.json"
-#: version of the description's layout (2: ``mode`` and ``margin`` added; a description without them is candidate mode)
-DESCRIPTION_VERSION = 2
+#: version of the description's layout (2: ``mode`` and ``margin`` added; a description without them is candidate mode;
+#: 3: ``findings``, the findings settings and calibration; without them an exported model runs on the runner's defaults)
+DESCRIPTION_VERSION = 3
+#: ``inference.json`` keys of candidate mode's findings that an export embeds (description version 3)
+FINDING_KEYS = (
+    "threshold", "operating_threshold", "min_distance_mm", "nms", "max_findings", "score", "tta_flips", "refine_mm",
+)  # fmt: skip
 #: how a model is inferred, as it was trained: ``candidate`` (patches around datalist centres: a heat map of windows
 #: over the CT) or ``volume`` (whole volumes fitted into one patch: one prediction per volume). ``inference.json``
 #: states it as the top-level key ``mode``; the first is the default.
@@ -118,9 +124,11 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
 
     Returns:
         ``{"description_version", "patch_size", "pixdim", "hu_window", "in_channels", "num_classes",
-        "class_names", "network_def", "bundle_name", "bundle_version", "output", "mode", "margin"}`` (plain JSON
-        types); ``mode`` is the config's ``mode`` (default ``candidate``), ``margin`` its ``margin`` (default 8, as
-        ``train.json``), which volume mode's preprocessing takes.
+        "class_names", "network_def", "bundle_name", "bundle_version", "output", "mode", "margin", "findings"}``
+        (plain JSON types); ``mode`` is the config's ``mode`` (default ``candidate``), ``margin`` its ``margin``
+        (default 8, as ``train.json``), which volume mode's preprocessing takes; ``findings`` the config's
+        :data:`FINDING_KEYS` it sets and ``calibration`` (the dict of ``calibration_file``, None without one), so an
+        exported model reports the findings the bundle does.
 
     Raises:
         KeyError: when the config has no ``patch_size``.
@@ -152,7 +160,16 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
         "output": "logits",
         "mode": check_mode(get("mode", INFERENCE_MODES[0]), "config key 'mode'"),
         "margin": int(get("margin", 8)),
+        "findings": {
+            **{k: get(k) for k in FINDING_KEYS if get(k) is not None},
+            "calibration": _calibration_dict(get("calibration_file")),
+        },
     }
+
+
+def _calibration_dict(path: Any) -> dict[str, Any] | None:
+    calibration = read_calibration(path) if isinstance(path, str | os.PathLike) else None
+    return None if calibration is None else calibration.to_dict()
 
 
 def bundle_network_label(parser: Any, bundle_dir: str | os.PathLike[str]) -> str:

@@ -136,6 +136,16 @@ def _settings(path: Path, description: Mapping[str, Any], sha256: str) -> dict[s
     }
 
 
+def _finding_settings(path: Path, description: Mapping[str, Any]) -> dict[str, Any]:
+    """InferenceRunner keyword arguments of the findings (threshold, calibration, ...) a version-3 description embeds
+    (:func:`~volcnn.models.describe_bundle`); ``{}`` for an older one, which runs on the runner's defaults."""
+    findings = description.get("findings") or {}
+    if not isinstance(findings, Mapping):
+        raise ExportedModelError(f"{path}: embedded 'findings' settings are not an object")
+    # the bundle's name of the runner's option: tta_flips -> flips
+    return {("flips" if k == "tta_flips" else k): v for k, v in findings.items() if v is not None}
+
+
 class ExportedModel(nn.Module):
     """An exported classifier ``(B, C, *patch_size)`` -> logits ``(B, K)`` that checks its input shape.
 
@@ -290,6 +300,7 @@ def load_exported(
     device: str | torch.device = "cpu",
     *,
     bundle_dir: str | os.PathLike[str] | None = None,
+    findings: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load an exported classifier and the settings to run it.
 
@@ -300,6 +311,9 @@ def load_exported(
             provider is installed, on the CPU otherwise.
         bundle_dir: the bundle of a ``.pt``; by default the bundle the file lies in (``BUNDLE/models/model.pt``).
             Ignored for ``.ts`` and ``.onnx``.
+        findings: also return the findings settings the bundle had when it was exported (``threshold``,
+            ``operating_threshold``, ``nms``, ``score``, ``refine_mm``, ``flips``, ``calibration``...), so that the
+            model reports the findings its bundle does.
 
     Returns:
         ``(network, settings)``: ``network`` maps ``(B, C, *patch_size)`` to logits ``(B, K)`` and is in eval mode:
@@ -315,5 +329,7 @@ def load_exported(
     path = Path(path)
     network, description = _load(path, torch.device(device), bundle_dir)
     settings = _settings(path, description, sha256_file(path))
+    if findings:
+        settings = {**_finding_settings(path, description), **settings}
     logger.info("loaded %s (%s, input %s)", path, type(network).__name__, settings["patch_size"])
     return network.eval(), settings
