@@ -98,3 +98,27 @@ def test_runner_refines_findings_onto_the_planted_nodule(tmp_path):
     assert docs[2.0]["settings"]["refine_mm"] == 2.0 and "refine_shift_mm" not in grid
     assert math.dist(refined["center_ras_mm"], NODULE_RAS) <= 1.0 < math.dist(grid["center_ras_mm"], NODULE_RAS)
     assert refined["probability"] >= grid["probability"] - 1e-4
+
+
+def test_a_peak_below_the_threshold_that_refines_above_it_is_reported(tmp_path):
+    """The threshold applies to refined probabilities: with it between the grid peak's probability and the refined
+    one (and above half the grid's), the grid alone reports nothing and the refined run reports the nodule."""
+    shape, aff = GEOMETRIES["ras"]
+    path = tmp_path / "in" / "ras.nii.gz"
+    write_nifti(path, nodule_scan(shape, aff), aff)
+
+    def run(refine: float, threshold: float, name: str) -> dict:
+        runner = InferenceRunner(
+            BlobNet(PATCH), patch_size=PATCH, pixdim=(1.0, 1.0, 1.0), device="cpu", progress=False, stride_mm=8.0,
+            threshold=threshold, model_info={"sha256": "abc"}, refine_mm=refine,
+        )  # fmt: skip
+        runner.run([str(path)], tmp_path / name)
+        return json.loads((tmp_path / name / "ras" / "findings.json").read_text())
+
+    grid = run(0.0, 0.01, "grid")["findings"][0]["probability"]
+    best = run(2.0, 0.01, "best")["findings"][0]["probability"]
+    threshold = 0.5 * (grid + best)
+    assert grid < threshold < best and grid >= 0.5 * threshold
+    assert run(0.0, threshold, "grid_cut")["findings"] == []
+    (found,) = run(2.0, threshold, "refined_cut")["findings"]
+    assert found["probability"] == best and math.dist(found["center_ras_mm"], NODULE_RAS) <= 1.0

@@ -408,20 +408,36 @@ class InferenceRunner:
 
     def _findings(self, raw_heat: np.ndarray, heat_affine: np.ndarray, image: torch.Tensor) -> list[dict[str, Any]]:
         """Peaks of the uncalibrated map (the calibration is monotonic: the same peaks, positions and blobs) at or
-        above the threshold's uncalibrated value, moved to the classifier's local maximum when ``refine_mm`` is set
-        (:func:`~volcnn.inference.refine.refine_findings`), each with its calibrated ``probability`` and, when
-        calibrated, ``probability_uncalibrated``."""
+        above the threshold's uncalibrated value, each with its calibrated ``probability`` and, when calibrated,
+        ``probability_uncalibrated``.
+
+        With ``refine_mm`` the search starts from more peaks: the ``2 * max_findings`` most probable at or above half
+        the threshold (a grid point 2 mm from a small nodule's centre measured half the probability of its centre
+        window); each is moved to the classifier's local maximum (:func:`~volcnn.inference.refine.refine_findings`)
+        and the threshold and ``max_findings`` then apply to the refined findings."""
         cal = self.calibration
-        threshold = self.threshold if cal is None else cal.invert(self.threshold)
-        findings = find_peaks(
-            raw_heat, heat_affine, threshold, self.min_distance_mm, self.max_findings, size_aware=self.nms == "size"
-        )
-        if self._refine_steps:
+
+        def uncalibrated(q: float) -> float:
+            return q if cal is None else cal.invert(q)
+
+        size_aware = self.nms == "size"
+        if not self._refine_steps:
+            findings = find_peaks(
+                raw_heat, heat_affine, uncalibrated(self.threshold), self.min_distance_mm, self.max_findings,
+                size_aware=size_aware,
+            )  # fmt: skip
+        else:
+            peaks = find_peaks(
+                raw_heat, heat_affine, uncalibrated(0.5 * self.threshold), self.min_distance_mm,
+                2 * self.max_findings, size_aware=size_aware,
+            )  # fmt: skip
             network = FlipMean(self.network) if self.flips else self.network
-            findings = refine_findings(
-                image, network, findings, self.patch_size, self._refine_steps, min_distance_mm=self.min_distance_mm,
+            refined = refine_findings(
+                image, network, peaks, self.patch_size, self._refine_steps, min_distance_mm=self.min_distance_mm,
                 batch_size=self.batch_size, device=self.device, class_index=self.class_index,
             )  # fmt: skip
+            cut = uncalibrated(self.threshold)
+            findings = [f for f in refined if f["probability"] >= cut][: self.max_findings]
         if cal is not None:
             for f in findings:
                 raw = f["probability"]
