@@ -411,10 +411,11 @@ class InferenceRunner:
         above the threshold's uncalibrated value, each with its calibrated ``probability`` and, when calibrated,
         ``probability_uncalibrated``.
 
-        With ``refine_mm`` the search starts from more peaks: the ``2 * max_findings`` most probable at or above half
-        the threshold (a grid point 2 mm from a small nodule's centre measured half the probability of its centre
+        With ``refine_mm`` the search starts from the ``max_findings`` most probable peaks at or above half the
+        threshold (a grid point 2 mm from a small nodule's centre measured half the probability of its centre
         window); each is moved to the classifier's local maximum (:func:`~volcnn.inference.refine.refine_findings`)
-        and the threshold and ``max_findings`` then apply to the refined findings."""
+        and the threshold then applies to the refined findings. (Starting from twice as many peaks cost twice the
+        time, 11.4 s per CT on the 2-core CPU, for CPM 0.753 against 0.750 after mining on 30 CTs.)"""
         cal = self.calibration
 
         def uncalibrated(q: float) -> float:
@@ -428,8 +429,8 @@ class InferenceRunner:
             )  # fmt: skip
         else:
             peaks = find_peaks(
-                raw_heat, heat_affine, uncalibrated(0.5 * self.threshold), self.min_distance_mm,
-                2 * self.max_findings, size_aware=size_aware,
+                raw_heat, heat_affine, uncalibrated(0.5 * self.threshold), self.min_distance_mm, self.max_findings,
+                size_aware=size_aware,
             )  # fmt: skip
             network = FlipMean(self.network) if self.flips else self.network
             refined = refine_findings(
@@ -437,7 +438,7 @@ class InferenceRunner:
                 batch_size=self.batch_size, device=self.device, class_index=self.class_index,
             )  # fmt: skip
             cut = uncalibrated(self.threshold)
-            findings = [f for f in refined if f["probability"] >= cut][: self.max_findings]
+            findings = [f for f in refined if f["probability"] >= cut]
         if cal is not None:
             for f in findings:
                 raw = f["probability"]
