@@ -9,8 +9,10 @@ nodule. Refining searches the window centres around each peak, first on a lattic
 ``refine_mm / 2`` apart around the best, and moves the finding to the best window (27 windows per step).
 
 Measured with ``python -m pipelines.bench_detection`` on 30 CTs of cohort seeds 101 and 102 (56 nodules; the demo's
-bundles, 4 mm grid, ``refine_mm`` 2): CPM 0.778 -> 0.791 and sensitivity at the operating threshold 0.714 -> 0.804
-for the model before mining; CPM 0.676 -> 0.750 after mining (pipelines/PERFORMANCE.md has the cost).
+two bundles, 4 mm grid, ``refine_mm`` 2 against 0): CPM 0.778 -> 0.791 and sensitivity at the operating threshold
+0.714 -> 0.804 for the model before mining; CPM 0.676 -> 0.753 and 0.589 -> 0.714 after mining. It costs about
+1080 windows per CT (20 peaks, 2 x 27 windows): inference of the 30 CTs took 258 s instead of 82 s on the 2-core
+CPU (pipelines/PERFORMANCE.md).
 
 With test-time flips the windows are scored as the heat map is: the mean probability over the patch as it is and
 mirrored along each axis.
