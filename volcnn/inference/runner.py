@@ -421,20 +421,16 @@ class InferenceRunner:
         def uncalibrated(q: float) -> float:
             return q if cal is None else cal.invert(q)
 
-        size_aware = self.nms == "size"
-        if not self._refine_steps:
-            findings = find_peaks(
-                raw_heat, heat_affine, uncalibrated(self.threshold), self.min_distance_mm, self.max_findings,
-                size_aware=size_aware,
-            )  # fmt: skip
-        else:
-            peaks = find_peaks(
-                raw_heat, heat_affine, uncalibrated(0.5 * self.threshold), self.min_distance_mm, self.max_findings,
-                size_aware=size_aware,
-            )  # fmt: skip
+        # refined, a peak at half the threshold may pass it: search from there, and cut after refining
+        search = 0.5 * self.threshold if self._refine_steps else self.threshold
+        findings = find_peaks(
+            raw_heat, heat_affine, uncalibrated(search), self.min_distance_mm, self.max_findings,
+            size_aware=self.nms == "size",
+        )  # fmt: skip
+        if self._refine_steps:
             network = FlipMean(self.network) if self.flips else self.network
             refined = refine_findings(
-                image, network, peaks, self.patch_size, self._refine_steps, min_distance_mm=self.min_distance_mm,
+                image, network, findings, self.patch_size, self._refine_steps, min_distance_mm=self.min_distance_mm,
                 batch_size=self.batch_size, device=self.device, class_index=self.class_index,
             )  # fmt: skip
             cut = uncalibrated(self.threshold)
