@@ -93,3 +93,14 @@ def test_only_rank0_writes(tmp_path, monkeypatch):
     run.trainer.run()
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "best.json").exists()
     assert (run.best.best_value, run.best.best_epoch) == (0.8, 2)  # every rank tracks the best
+
+
+@pytest.mark.parametrize(("latest_on_tie", "epoch"), [(True, 4), (False, 2)])
+def test_a_tie_keeps_the_later_epoch_unless_told_otherwise(tmp_path, latest_on_tie, epoch):
+    """A saturated metric (validation AUC 1.0 from epoch 2 on): the later epoch's weights by default."""
+    run = ts.setup(tmp_path, max_epochs=4, values=[0.9, 1.0, 0.95, 1.0], keep_last=4)
+    run.best.latest_on_tie = latest_on_tie
+    run.trainer.run()
+    assert json.loads((tmp_path / "best.json").read_text()) == {"epoch": epoch, "metric": KEY, "value": 1.0,
+                                                                 "file": "model.pt"}  # fmt: skip
+    assert ts.equal(torch.load(tmp_path / "model.pt", weights_only=True), run.weights[epoch])
