@@ -96,8 +96,8 @@ def test_only_rank0_writes(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("latest_on_tie", "epoch"), [(True, 4), (False, 2)])
-def test_a_tie_keeps_the_later_epoch_unless_told_otherwise(tmp_path, latest_on_tie, epoch):
-    """A saturated metric (validation AUC 1.0 from epoch 2 on): the later epoch's weights by default."""
+def test_a_tie_keeps_the_later_epoch_when_asked(tmp_path, latest_on_tie, epoch):
+    """A saturated metric (validation AUC 1.0 from epoch 2 on): the later epoch's weights when asked for."""
     run = ts.setup(tmp_path, max_epochs=4, values=[0.9, 1.0, 0.95, 1.0], keep_last=4)
     run.best.latest_on_tie = latest_on_tie
     run.trainer.run()
