@@ -259,6 +259,8 @@ def test_write_dicom_series_anisotropic(tmp_path: Path, codes: tuple[str, str, s
         {"val_fraction": 1.2},
         {"test_fraction": -0.1},
         {"val_fraction": 0.5, "test_fraction": 0.5},
+        {"junctions": -1},
+        {"junctions": True},
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
@@ -266,3 +268,40 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         synthesize_cohort(**args)
     assert not (tmp_path / "images").exists()
+
+
+def test_junction_negatives_add_candidates_and_leave_the_images_alone(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    synthesize_cohort(a, cases=3, seed=4, size="tiny", negatives=4)
+    synthesize_cohort(b, cases=3, seed=4, size="tiny", negatives=4, junctions=3)
+    fa, fb = _files(a), _files(b)
+    assert [k for k in fa if k.startswith("images/") and fa[k] != fb[k]] == []
+    before, after = _rows(a / "candidates.csv"), _rows(b / "candidates.csv")
+    key = [tuple(r.values()) for r in before]
+    assert set(key) < {tuple(r.values()) for r in after}  # the other candidates are kept as they were
+    extra = [r for r in after if tuple(r.values()) not in set(key)]
+    assert all(r["class"] == "0" for r in extra)
+    assert 0 < len(extra) <= 3 * 3
+    train = json.loads((b / "datalist.json").read_text())["training"]
+    assert len(train) > len(json.loads((a / "datalist.json").read_text())["training"])
+
+
+def test_sample_junctions_lie_at_branch_points_in_the_lung() -> None:
+    from volcnn.data.cohort import sample_geometry
+    from volcnn.data.nodules import sample_junctions
+    from volcnn.data.phantom import build_phantom
+
+    rng = np.random.default_rng(7)
+    ph = build_phantom(sample_geometry(rng, SIZES["small"]), rng, SIZES["small"])
+    pts = sample_junctions(ph, np.random.default_rng(0), [], 12, jitter_mm=1.5)
+    assert len(pts) == 12
+    assert ph.lookup(pts).all()
+    starts = ph.vessels.p0
+    nearest = np.linalg.norm(pts[:, None, :] - starts[None], axis=2).min(axis=1)
+    assert nearest.max() <= 1.5 + 1e-3
+    # segments' middles are not branch points: the points are nearer to a start than the segments are long
+    lengths = np.linalg.norm(ph.vessels.p1 - ph.vessels.p0, axis=1)
+    assert nearest.max() < np.median(lengths) / 2
+    assert len(np.unique(np.round(pts, 0), axis=0)) == len(pts)
+    far = sample_junctions(ph, np.random.default_rng(0), [], 12, jitter_mm=0.0)
+    assert np.linalg.norm(far[:, None, :] - starts[None], axis=2).min(axis=1).max() < 1e-3

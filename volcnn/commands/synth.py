@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients in validation")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients in test")
     p.add_argument("--negatives", type=int, default=None, help="negative candidates per case (default: by size)")
+    p.add_argument("--junctions", type=int, default=0, help="more negative candidates per case at vessel branch points")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction,
             progress=not args.no_progress,
             negatives=args.negatives,
+            junctions=args.junctions,
         )
     except ValueError as e:  # an invalid setting
         raise UsageError(str(e)) from e

@@ -132,15 +132,24 @@ def acquire(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthesize_case(
-    case_id: str, patient: str, spec: SizeSpec, rng: np.random.Generator, orientation: str = "RAS"
+    case_id: str,
+    patient: str,
+    spec: SizeSpec,
+    rng: np.random.Generator,
+    orientation: str = "RAS",
+    junctions: int = 0,
 ) -> SyntheticCase:
-    """Generate one case in memory: geometry, anatomy, nodules, candidates, scanner model, orientation."""
+    """Generate one case in memory: geometry, anatomy, nodules, candidates, scanner model, orientation.
+
+    ``junctions`` adds that many negatives at vessel branch points; the image does not depend on it.
+    """
     geom = sample_geometry(rng, spec, orientation)
     ph = build_phantom(geom, rng, spec)
     n_nod = int(rng.choice(len(_NODULE_COUNT_P), p=_NODULE_COUNT_P))
     drawn = [sample_nodule(rng, bool(rng.random() < _MALIGNANT_P), spec.nodule_mm) for _ in range(n_nod)]
     nodules = place_nodules(ph, rng, drawn)
-    candidates = sample_candidates(ph, rng, nodules, int(rng.integers(spec.negatives[0], spec.negatives[1] + 1)))
+    n_negatives = int(rng.integers(spec.negatives[0], spec.negatives[1] + 1))
+    candidates = sample_candidates(ph, rng, nodules, n_negatives, n_junctions=junctions)
     canonical = acquire(ph.volume, rng).T  # (X, Y, Z) RAS, Fortran order
     ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(orientation)))
     image = apply_orientation(canonical, ornt)
@@ -200,6 +209,7 @@ def synthesize_cohort(
     test_fraction: float = 0.2,
     progress: bool = False,
     negatives: int | None = None,
+    junctions: int = 0,
 ) -> dict[str, Any]:
     """Generate a synthetic chest-CT cohort with nodules, LUNA16 CSVs and MONAI datalists.
 
@@ -220,6 +230,9 @@ def synthesize_cohort(
         progress: show a tqdm bar over cases.
         negatives: negative candidates per case (default: the size's range, e.g. 6-12 for ``small``); a model
             whose heat map must stay quiet over the whole lung field needs more of them.
+        junctions: further negative candidates per case at vessel branch points (``kind`` "junction" in
+            ``candidates.csv``), the structures a whole-CT heat map most often mistakes for nodules; the images
+            are the same whatever the number.
 
     Returns:
         The summary (JSON-able): ``out_dir``, ``cases``, ``seed``, ``size``, per-split counts of cases,
@@ -235,6 +248,8 @@ def synthesize_cohort(
         if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
             raise ValueError(f"negatives must be an integer >= 0, got {negatives!r}")
         spec = dataclasses.replace(spec, negatives=(negatives, negatives))
+    if isinstance(junctions, bool) or not isinstance(junctions, int) or junctions < 0:
+        raise ValueError(f"junctions must be an integer >= 0, got {junctions!r}")
     out = Path(out_dir)
     width = max(3, len(str(cases - 1)))
     ids = [(f"case_{i:0{width}d}", f"p{i:0{width}d}") for i in range(cases)]
@@ -247,7 +262,9 @@ def synthesize_cohort(
     records: list[_Record] = []
     for i in iterator:
         case_id, patient = ids[i]
-        case = synthesize_case(case_id, patient, spec, np.random.default_rng([seed, i]), orients[i % len(orients)])
+        case = synthesize_case(
+            case_id, patient, spec, np.random.default_rng([seed, i]), orients[i % len(orients)], junctions
+        )
         atomic_write_bytes(out / "images" / f"{case_id}.nii.gz", nifti_gz_bytes(case.image, case.affine))
         if dicom:
             entropy = ["volcnn-synthetic", str(seed), size, case_id]

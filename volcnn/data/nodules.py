@@ -260,7 +260,12 @@ def _far(points: np.ndarray, nodules: list[Nodule], margin: float) -> np.ndarray
 
 
 def sample_candidates(
-    ph: Phantom, rng: np.random.Generator, nodules: list[Nodule], n_negatives: int, margin: float = 10.0
+    ph: Phantom,
+    rng: np.random.Generator,
+    nodules: list[Nodule],
+    n_negatives: int,
+    margin: float = 10.0,
+    n_junctions: int = 0,
 ) -> list[tuple[tuple[float, float, float], int, str]]:
     """LUNA16-style candidates: jittered nodule centres (class 1) and negatives (class 0).
 
@@ -268,16 +273,23 @@ def sample_candidates(
     hard negatives), random points in lung parenchyma, and a few points in other tissue. Every negative
     lies at least (nodule radius + ``margin``) mm from every nodule.
 
+    ``n_junctions`` more negatives lie at vessel branch points (see :func:`sample_junctions`), where the
+    candidate detectors behind LUNA16's candidate lists fire most and a model trained only on vessel
+    segments mistakes thick hilar bifurcations for nodules. They are drawn from a child generator
+    (``rng.spawn``), so asking for them leaves ``rng``'s stream, and hence the case's image, unchanged.
+
     Args:
         ph: the phantom (lung mask and vessels are used; ``volume`` is read before noise).
         rng: random generator.
         nodules: placed nodules.
         n_negatives: number of negatives wanted (fewer when the lungs are too small to fit them).
         margin: clearance from nodules in mm.
+        n_junctions: extra negatives at vessel branch points (fewer when the tree has fewer in the lung).
 
     Returns:
         ``[(center_ras, label, kind)]`` with centres rounded to 1e-3 mm, kind in
-        {"nodule", "vessel", "parenchyma", "tissue"}, in a random order.
+        {"nodule", "vessel", "parenchyma", "tissue", "junction"}; the first kinds in a random order, then the
+        junctions.
     """
     out: list[tuple[tuple[float, float, float], int, str]] = []
     for nod in nodules:
@@ -313,7 +325,34 @@ def sample_candidates(
     if len(out) < len(nodules) + n_negatives:
         logger.debug("only %d of %d negatives fit", len(out) - len(nodules), n_negatives)
     order = rng.permutation(len(out))
-    return [out[i] for i in order]
+    shuffled = [out[i] for i in order]
+    if n_junctions > 0:
+        pts = sample_junctions(ph, rng.spawn(1)[0], nodules, n_junctions, margin)
+        shuffled += [(_tuple(p), 0, "junction") for p in pts]
+    return shuffled
+
+
+def sample_junctions(
+    ph: Phantom, rng: np.random.Generator, nodules: list[Nodule], n: int, margin: float = 10.0, jitter_mm: float = 1.5
+) -> np.ndarray:
+    """Up to ``n`` points ``(M, 3)`` (RAS mm) at branch points of the vessel tree, inside the lung.
+
+    A branch point is where a segment starts from another's end (the hila, where the trees start, count too).
+    Points are drawn without replacement with probability proportional to the parent vessel's radius (the thick
+    hilar bifurcations are the blob-like ones), moved by up to ``jitter_mm`` in a random direction (a candidate
+    detector does not hit the exact centre), and kept when inside the lung and at least (nodule radius +
+    ``margin``) mm from every nodule.
+    """
+    vt = ph.vessels
+    if n <= 0 or not len(vt.p0):
+        return np.zeros((0, 3))
+    starts, index = np.unique(np.round(vt.p0, 3), axis=0, return_inverse=True)
+    radius = np.zeros(len(starts))
+    np.maximum.at(radius, index.ravel(), vt.r0)
+    order = rng.choice(len(starts), size=len(starts), replace=False, p=radius / radius.sum())
+    pts = starts[order] + _unit(rng, len(order)) * rng.uniform(0.0, jitter_mm, (len(order), 1))
+    pts = np.round(pts, 3)
+    return pts[ph.lookup(pts) & _far(pts, nodules, margin)][:n]
 
 
 def _tuple(p: np.ndarray) -> tuple[float, float, float]:
