@@ -15,10 +15,9 @@ decimal. Probing the demo model before mining on a 9x9x9 lattice of windows 1 mm
 CTs: the most probable window lay 2.7-5.0 mm from the nodule's centre, the half-maximum centroid 0.4-0.7 mm.
 
 Measured with ``python -m pipelines.bench_detection`` on 30 CTs of cohort seeds 101 and 102 (56 nodules; the demo's
-two bundles, 4 mm grid, ``refine_mm`` 2 against 0): CPM 0.778 -> 0.791 and sensitivity at the operating threshold
-0.714 -> 0.804 for the model before mining; CPM 0.676 -> 0.753 and 0.589 -> 0.714 after mining. It costs about
-1080 windows per CT (20 peaks, 2 x 27 windows): inference of the 30 CTs took 258 s instead of 82 s on the 2-core
-CPU (pipelines/PERFORMANCE.md).
+mined bundle, 4 mm grid, ``refine_mm`` 2 against 0): CPM 0.870 -> 0.906. It costs up to about 1600 windows per CT (20
+findings, 2-4 lattices of 27): inference of the 30 CTs took 256 s instead of 91 s on the 2-core CPU
+(pipelines/PERFORMANCE.md).
 
 With test-time flips the windows are scored as the heat map is: the mean probability over the patch as it is and
 mirrored along each axis.
@@ -100,7 +99,8 @@ def refine_findings(
     device: str | torch.device | None = None,
     class_index: int = 1,
 ) -> list[dict[str, Any]]:
-    """Move each finding to the most probable window centre around it (:func:`refinement_steps`).
+    """Move each finding to the half-maximum centroid of the classifier's windows around it
+    (:func:`refinement_steps`; see the module's docstring).
 
     Args:
         image: the preprocessed volume ``(1, X, Y, Z)`` with its ``affine`` (a MONAI ``MetaTensor``), as the heat map
@@ -113,7 +113,7 @@ def refine_findings(
 
     Returns:
         The findings, most probable first, each with its refined ``center_ras_mm`` (mm rounded to 0.01),
-        ``probability`` (the best window's, rounded to 1e-4; the peak's own window is among those searched) and
+        ``probability`` (the best window's, rounded to 1e-4; the start's own window is among those searched) and
         ``refine_shift_mm`` (how far it moved); other keys are kept.
     """
     if not findings or not steps:
