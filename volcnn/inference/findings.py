@@ -68,7 +68,13 @@ def half_max_centroid(h: np.ndarray, point: np.ndarray, reach: int = CENTROID_CE
     by at most 5% of the half, so that noise on a flat top does not cut it, while a neighbouring blob beyond a saddle
     stays out), each weighted by how far it rises above that half.
 
-    Returns ``point`` itself when nothing around it rises above the half.
+    Args:
+        h: the heat map ``(nx, ny, nz)``.
+        point: the peak's grid index ``(3,)``.
+        reach: half-width of the neighbourhood, in cells.
+
+    Returns:
+        Grid coordinates ``(3,)`` (fractional); ``point`` itself when nothing around it rises above the half.
     """
     point = np.asarray(point, dtype=np.int64)
     lo = np.maximum(point - reach, 0)

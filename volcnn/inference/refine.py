@@ -15,7 +15,7 @@ decimal. Probing the demo model before mining on a 9x9x9 lattice of windows 1 mm
 CTs: the most probable window lay 2.7-5.0 mm from the nodule's centre, the half-maximum centroid 0.4-0.7 mm.
 
 Measured with ``python -m pipelines.bench_detection`` on 30 CTs of cohort seeds 101 and 102 (56 nodules; the demo's
-mined bundle, 4 mm grid, ``refine_mm`` 2 against 0): CPM 0.870 -> 0.906. It costs up to about 1600 windows per CT (20
+mined bundle, 4 mm grid, ``refine_mm`` 2 against 0): CPM 0.870 -> 0.906. It costs 1080-2160 windows per CT (20
 findings, 2-4 lattices of 27): inference of the 30 CTs took 256 s instead of 91 s on the 2-core CPU
 (pipelines/PERFORMANCE.md).
 
