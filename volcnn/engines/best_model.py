@@ -49,9 +49,9 @@ class BestModelSaver:
         filename: the weights file, a plain state dict loadable by MONAI's ``CheckpointLoader``.
         latest_on_tie: a later epoch whose metric *equals* the best replaces it (the metric cannot tell them apart
             and the later one has trained longer). Off by default, measured both ways: candidate-level validation
-            AUC saturates (the demo's run reached 1.0 at epoch 3 of 15), and with this on the demo's un-mined model
-            (epoch 15) reached CPM 0.811 instead of 0.791 on the 30 CTs of ``python -m pipelines.bench_detection``,
-            but its mined model (round epoch 8 of 8) fell from 0.753 to 0.645.
+            AUC saturates (the earlier demo recipe's run reached 1.0 at epoch 3 of 15), and with this on that
+            un-mined model (epoch 15) reached CPM 0.811 instead of 0.791 on the 30 CTs of ``python -m
+            pipelines.bench_detection``, but its mined model (round epoch 8 of 8) fell from 0.753 to 0.645.
     """
 
     def __init__(

@@ -64,7 +64,10 @@ class FlipMean(nn.Module):
 
 def _half_max_centroid(centres: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Centroid ``(3,)`` of the window centres ``(N, 3)`` whose probability ``p`` ``(N,)`` is at least half the
-    largest, weighted by how far each rises above that half (the largest alone when none other does)."""
+    largest, weighted by how far each rises above that half (the largest alone when none other does).
+
+    Unlike :func:`volcnn.inference.findings.half_max_centroid` on the heat grid, every lattice point counts, connected
+    or not: the lattice spans at most 2 steps around one finding, too little to hold a second blob beyond a saddle."""
     weights = np.clip(p - 0.5 * p.max(), 0.0, None)
     if weights.sum() <= 0:
         return centres[int(np.argmax(p))].astype(np.float64)
