@@ -119,3 +119,22 @@ def test_unexpected_errors_are_one_line_with_exit_1(monkeypatch, caplog, capsys)
     assert "Traceback" not in caplog.text
     assert main(["-v", "networks"]) == 1
     assert "Traceback" in caplog.text
+
+
+def test_a_bundle_override_is_never_read_as_an_abbreviated_option(tmp_path, monkeypatch):
+    """``--margin 6`` is the bundle's patch margin, not ``volcnn mine --margin-mm`` (argparse's prefix matching)."""
+    import volcnn.engines.mining
+
+    seen: dict = {}
+
+    def fake_run_mining(config_files, run_dir, overrides, settings, annotations=None):
+        seen.update(overrides=overrides, settings=settings)
+        return {"rounds": [], "final_weights": "w"}
+
+    monkeypatch.setattr(volcnn.engines.mining, "run_mining", fake_run_mining)
+    config = tmp_path / "train.json"
+    config.write_text("{}")
+    argv = ["mine", str(tmp_path), "--config_file", str(config), "--margin-mm", "10", "--margin", "6"]
+    assert main(argv) == 0
+    assert seen["settings"].margin_mm == 10.0
+    assert seen["overrides"] == {"margin": 6}

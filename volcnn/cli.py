@@ -28,13 +28,19 @@ logger = logging.getLogger("volcnn")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``volcnn`` and its subcommands."""
-    parser = argparse.ArgumentParser(prog="volcnn", description="3D CT classification with MONAI: data, inference.")
+    """The argument parser of ``volcnn`` and its subcommands.
+
+    Abbreviated options are refused (``allow_abbrev=False``): a command that takes bundle overrides would otherwise
+    read ``--margin 6`` (the bundle's patch margin) as its own ``--margin-mm 6``, silently, as ``volcnn mine`` did.
+    """
+    parser = argparse.ArgumentParser(
+        prog="volcnn", description="3D CT classification with MONAI: data, inference.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"volcnn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks of failures")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP, allow_abbrev=False)
         command.add_arguments(p)
         p.set_defaults(func=command.run)
     return parser
