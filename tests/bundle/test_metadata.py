@@ -55,3 +55,13 @@ def test_volume_metadata_with_three_classes():
     assert fmt["inputs"]["image"]["is_patch_data"] is False
     assert fmt["outputs"]["pred"]["num_channels"] == 3 and fmt["outputs"]["pred"]["spatial_shape"] == [3]
     assert meta["label_classes"] == "integer class per volume: 0 = none, 1 = benign, 2 = malignant"
+
+
+def test_an_input_not_in_hu_is_not_described_as_hounsfield():
+    settings = {"network_def": "seed_cnn3d", "num_classes": 2, "patch_size": [16, 16, 16], "intensity": "percentile"}
+    meta = _packaged(settings=settings)
+    validate_metadata(meta)
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["format"] == "magnitude" and image["value_range"] == []
+    hu = _packaged(settings={**settings, "intensity": "hu"})["network_data_format"]["inputs"]["image"]
+    assert hu["format"] == "hounsfield" and hu["value_range"] == [-1024, 3071]

@@ -115,7 +115,7 @@ def _window_probabilities(bundle: Path, rows: list[dict], cohort: Path, **overri
     runner = load_bundle_runner(bundle, device="cpu", progress=False, **overrides)
     probs, inside = [], []
     for row in rows:
-        image = preprocess_volume(load_volume(cohort / row["image"]), runner.pixdim, runner.hu_window)
+        image = preprocess_volume(load_volume(cohort / row["image"]), runner.pixdim, runner.hu_window, runner.intensity)
         voxel = np.rint(world_to_voxel(image.affine.numpy(), [float(row[f"center_{a}"]) for a in "xyz"])).astype(int)
         start = voxel - np.asarray(runner.patch_size) // 2
         inside.append(bool((start >= 0).all() and (start + runner.patch_size <= np.asarray(image.shape[1:])).all()))

@@ -71,7 +71,7 @@ def test_record_content_and_normalisation(tmp_path, monkeypatch):
         "record_version": 1,
     }
     assert json.loads(json.dumps(record)) == record
-    assert model_settings(record) == {k: record[k] for k in SETTINGS}  # no paths, no provenance
+    assert model_settings(record) == {"intensity": "hu", **{k: record[k] for k in SETTINGS}}  # no paths, no provenance
     assert build_record({**SETTINGS, "datalist": str(_datalist(tmp_path, VOLUMES))})["labels"] is None
     with pytest.raises(RunRecordError, match="clash"):
         build_record({**SETTINGS, "datalist": str(datalist), "mode": "volume"})
@@ -143,3 +143,18 @@ def test_unreadable_records(tmp_path):
     (tmp_path / RUN_FILE).write_text("[1, 2]")
     with pytest.raises(RunRecordError, match="JSON object"):
         read_run_record(os.fspath(tmp_path / RUN_FILE))
+
+
+def test_a_record_from_before_the_intensity_setting_windowed_hu(tmp_path):
+    """A run recorded without ``intensity`` was trained on HU: it resumes with ``hu``, refuses ``zscore``, and
+    packages ``hu``."""
+    out = tmp_path / "run"
+    settings = {**SETTINGS, "datalist": str(_datalist(tmp_path, CANDIDATES))}
+    record_run(out, settings, tmp_path, META)
+    assert "intensity" not in read_run_record(out)
+    record_run(out, {**settings, "intensity": "hu"}, tmp_path, META, resume=True)
+    with pytest.raises(RunRecordError, match="intensity"):
+        record_run(out, {**settings, "intensity": "zscore"}, tmp_path, META, resume=True)
+    assert model_settings(read_run_record(out))["intensity"] == "hu"
+    record_run(out, {**settings, "intensity": "percentile"}, tmp_path, META)
+    assert model_settings(read_run_record(out))["intensity"] == "percentile"

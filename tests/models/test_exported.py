@@ -78,11 +78,12 @@ def make_bundle(root: Path, name: str, patch: int, **settings: object) -> tuple[
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, nn.Module]]:
-    """seed_cnn3d and resnet10 bundles at 16^3, exported to .ts and .onnx once for the module."""
+    """seed_cnn3d (intensity ``zscore``) and resnet10 (``hu``) bundles at 16^3, exported to .ts and .onnx once for the
+    module."""
     root = tmp_path_factory.mktemp("exported")
     out = {}
-    for name in ("seed_cnn3d", "resnet10"):
-        bundle, net = make_bundle(root, name, 16, pixdim=[1.5, 1.5, 1.5], hu_window=[-1000, 500])
+    for name, intensity in (("seed_cnn3d", "zscore"), ("resnet10", "hu")):
+        bundle, net = make_bundle(root, name, 16, pixdim=[1.5, 1.5, 1.5], hu_window=[-1000, 500], intensity=intensity)
         export_bundle(bundle)
         out[name] = (bundle, net)
     return out
@@ -129,6 +130,7 @@ def test_settings_are_the_runner_arguments(exported) -> None:
         assert settings == {
             "patch_size": (16, 16, 16),
             "pixdim": (1.5, 1.5, 1.5),
+            "intensity": "zscore",
             "hu_window": (-1000.0, 500.0),
             "mode": "candidate",
             "margin": 8,
@@ -209,6 +211,14 @@ def test_missing_metadata_is_refused(tmp_path: Path, exported) -> None:
     onnx.save(model, str(partial))
     with pytest.raises(ExportedModelError, match=rf"{partial}: embedded model settings lack or mistype 'patch_size'"):
         load_exported(partial)
+
+    settings = {"patch_size": [16] * 3, "pixdim": [1, 1, 1], "hu_window": [-1000, 400], "intensity": "minmax"}
+    del model.metadata_props[:]
+    model.metadata_props.add(key="volcnn", value=json.dumps(settings))
+    unknown = tmp_path / "unknown.onnx"
+    onnx.save(model, str(unknown))
+    with pytest.raises(ExportedModelError, match=rf"{unknown}: embedded settings: intensity must be one of"):
+        load_exported(unknown)
 
 
 def test_state_dict_needs_its_bundle(tmp_path: Path, exported) -> None:

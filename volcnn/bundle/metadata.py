@@ -57,7 +57,8 @@ def packaged_metadata(
 
     Args:
         meta: the source metadata.
-        settings: the train.json settings written into the configs (``patch_size`` and ``num_classes`` used here).
+        settings: the train.json settings written into the configs (``patch_size``, ``num_classes`` and
+            ``intensity`` used here).
         mode: ``"candidate"`` (the input is a patch around a candidate) or ``"volume"`` (the whole volume, fitted).
         labels: the training datalist's label names, ``{"0": "non-nodule", ...}``, or ``None``.
         in_channels: the network's input channels C.
@@ -68,8 +69,9 @@ def packaged_metadata(
     Returns:
         A new dict: ``version`` from :func:`packaged_version` with a ``changelog`` entry for it;
         ``network_data_format``: input ``(C, *patch_size)`` (``is_patch_data`` in candidate mode), output
-        ``num_classes`` channels named by :func:`class_names`; ``label_classes`` / ``pred_classes`` naming the
-        classes when the datalist has label names.
+        ``num_classes`` channels named by :func:`class_names` (an input whose ``intensity`` is not ``hu`` has the
+        ``format`` ``magnitude`` and an empty ``value_range``: no HU are assumed); ``label_classes`` /
+        ``pred_classes`` naming the classes when the datalist has label names.
     """
     out = json.loads(json.dumps(meta))  # a deep copy in JSON types
     num_classes = int(settings["num_classes"])
@@ -79,6 +81,8 @@ def packaged_metadata(
     image["num_channels"] = int(in_channels)
     image["spatial_shape"] = [int(p) for p in settings["patch_size"]]
     image["is_patch_data"] = mode == "candidate"
+    if str(settings.get("intensity", "hu")) != "hu":
+        image["format"], image["value_range"] = "magnitude", []
     if len(image.get("channel_def", {})) != in_channels:
         image["channel_def"] = {str(i): "CT" if in_channels == 1 else f"channel {i}" for i in range(in_channels)}
     names = class_names(labels, num_classes, pred.get("channel_def"))

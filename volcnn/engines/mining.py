@@ -53,7 +53,9 @@ __all__ = ["MiningSettings", "final_weights", "mine_negatives", "mine_round", "r
 logger = logging.getLogger(__name__)
 
 #: keys of train.json a round needs resolved (the rest of the bundle is run as configured)
-_SETTINGS = ("network_def", "patch_size", "pixdim", "hu_window", "num_classes", "datalist", "dataset_dir", "device")
+_SETTINGS = (
+    "network_def", "patch_size", "pixdim", "intensity", "hu_window", "num_classes", "datalist", "dataset_dir", "device"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,8 @@ def _resolved_settings(config_files: Sequence[str], overrides: Mapping[str, Any]
     parser = ConfigParser()
     parser.read_config(list(config_files))
     parser.update(dict(overrides))
-    return {key: parser.get_parsed_content(key) for key in _SETTINGS}, parser
+    defaults = {"intensity": "hu"}  # a train.json from before the intensity setting windows HU
+    return {key: parser.get_parsed_content(key, default=defaults.get(key)) for key in _SETTINGS}, parser
 
 
 def round_dir(run_dir: str | os.PathLike[str], round_index: int) -> Path:
@@ -225,6 +228,7 @@ def mine_round(
         patch_size=resolved["patch_size"],
         pixdim=resolved["pixdim"],
         hu_window=resolved["hu_window"],
+        intensity=resolved["intensity"],
         stride_mm=settings.stride_mm,
         device=resolved["device"],
         threshold=settings.threshold,

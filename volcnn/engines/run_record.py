@@ -6,9 +6,9 @@ training starts, so that packaging reads them rather than asking the user to rep
 that a resumed run cannot silently continue with other settings than it started with.
 
 ``run.json`` is one flat JSON object: the ``train.json`` keys the config's ``run_settings`` lists, as resolved
-(``network_def``, ``num_classes``, ``patch_size``, ``pixdim``, ``hu_window``, ``margin``, ``channels_last``,
-``datalist``, ``dataset_dir``; a new setting is one more entry there, recorded, compared and packaged like the
-others), plus provenance (:data:`PROVENANCE_KEYS`)::
+(``network_def``, ``num_classes``, ``patch_size``, ``pixdim``, ``intensity``, ``hu_window``, ``margin``,
+``channels_last``, ``datalist``, ``dataset_dir``; a new setting is one more entry there, recorded, compared and
+packaged like the others), plus provenance (:data:`PROVENANCE_KEYS`)::
 
     mode              "candidate" (every training entry has a ``center``) or "volume" (none has)
     labels            the datalist's label names, {"0": "non-nodule", "1": "nodule"}, or null
@@ -45,6 +45,7 @@ __all__ = [
     "RECORD_VERSION",
     "RESUMABLE_KEYS",
     "RUN_FILE",
+    "SETTING_DEFAULTS",
     "RunRecordError",
     "build_record",
     "changed_settings",
@@ -68,6 +69,8 @@ PROVENANCE_KEYS = ("mode", "labels", "datalist_sha256", "bundle", "volcnn_versio
 LOCAL_KEYS = ("datalist", "dataset_dir")
 #: keys a resumed run may change (where the data lies, the code and bundle that run it); every other key must not
 RESUMABLE_KEYS = (*LOCAL_KEYS, "bundle", "volcnn_version", "record_version")
+#: settings added after runs were first recorded: a record without one was trained with this value
+SETTING_DEFAULTS: dict[str, Any] = {"intensity": "hu"}
 #: settings normalised to one JSON form, so that ``[2, 2, 2]`` given as a tuple or a list records the same
 _PATHS = {"datalist", "dataset_dir"}
 _BOOLS = {"channels_last"}
@@ -162,7 +165,9 @@ def build_record(
 
 def changed_settings(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """Keys outside :data:`RESUMABLE_KEYS` whose values differ between two records (a key only one has counts), in
-    ``now``'s order, then ``recorded``'s."""
+    ``now``'s order, then ``recorded``'s. A key of :data:`SETTING_DEFAULTS` missing from ``recorded`` has its
+    default there."""
+    recorded = {**{k: v for k, v in SETTING_DEFAULTS.items() if k in now}, **recorded}
     keys = [k for k in dict.fromkeys([*now, *recorded]) if k not in RESUMABLE_KEYS]
     return [k for k in keys if k not in recorded or k not in now or recorded[k] != now[k]]
 
@@ -196,8 +201,10 @@ def read_run_record(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def model_settings(record: Mapping[str, Any]) -> dict[str, Any]:
     """The train.json settings of a record that describe the model and its preprocessing: every key but
-    :data:`PROVENANCE_KEYS` and :data:`LOCAL_KEYS`. These go into a packaged bundle's configs."""
-    return {k: v for k, v in record.items() if k not in PROVENANCE_KEYS and k not in LOCAL_KEYS}
+    :data:`PROVENANCE_KEYS` and :data:`LOCAL_KEYS`, with :data:`SETTING_DEFAULTS` for those an older record lacks.
+    These go into a packaged bundle's configs."""
+    settings = {k: v for k, v in record.items() if k not in PROVENANCE_KEYS and k not in LOCAL_KEYS}
+    return {**SETTING_DEFAULTS, **settings}
 
 
 def record_run(

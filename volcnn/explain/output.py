@@ -180,8 +180,8 @@ def explain_findings(
         image: the input CT: a path (NIfTI, MetaImage, DICOM folder) or a loaded :class:`~volcnn.io.Volume`.
         network: the classifier (not modified).
         settings: an :class:`~volcnn.inference.InferenceRunner`, or a mapping, giving ``patch_size`` and
-            optionally ``pixdim`` (default 1 mm), ``hu_window`` (default [-1000, 400]), ``class_index``
-            (default 1) and ``device`` (default: the network's).
+            optionally ``pixdim`` (default 1 mm), ``intensity`` (default ``hu``), ``hu_window`` (default [-1000,
+            400]), ``class_index`` (default 1) and ``device`` (default: the network's).
         findings: ``findings.json``'s ``findings``: ``[{"center_ras_mm": [x, y, z], "probability": p}, ...]``.
         out_dir: output folder, e.g. the case folder.
         top: how many findings, most probable first.
@@ -202,6 +202,7 @@ def explain_findings(
     patch_size = tuple(int(p) for p in _setting(settings, "patch_size", required=True))
     pixdim = _setting(settings, "pixdim", (1.0, 1.0, 1.0), required=True)
     hu_window = _setting(settings, "hu_window", (-1000.0, 400.0), required=True)
+    intensity = str(_setting(settings, "intensity", "hu", required=True))
     class_index = int(_setting(settings, "class_index", 1, required=True))
     device = _setting(settings, "device")
     explainer = Explainer(
@@ -221,7 +222,7 @@ def explain_findings(
         prepared = preprocessed
     else:
         assert volume is not None
-        prepared = preprocess_volume(volume, pixdim, hu_window)
+        prepared = preprocess_volume(volume, pixdim, hu_window, intensity)
     del volume
     results: list[dict[str, Any]] = []
     for index, finding in chosen:

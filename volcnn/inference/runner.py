@@ -55,6 +55,7 @@ from volcnn.io.volume import load_volume
 from volcnn.io.writer import write_nifti
 from volcnn.models.bundle_config import INFERENCE_MODES, check_mode
 from volcnn.models.calibration import Calibration
+from volcnn.transforms.intensity import check_intensity
 from volcnn.transforms.resample import resample_to_grid
 from volcnn.transforms.volume_cache import preprocess_loaded, volume_transforms
 
@@ -72,7 +73,9 @@ class InferenceRunner:
         network: classifier ``(B, 1, *patch_size)`` -> logits ``(B, K)``; moved to ``device``, put in eval mode.
         patch_size: the network's input size in voxels at ``pixdim``.
         pixdim: voxel size (mm) of the preprocessing, as in training.
-        hu_window: HU window of the preprocessing, as in training.
+        hu_window: HU window of the preprocessing, as in training (``intensity="hu"``).
+        intensity: the intensity setting of the preprocessing, as in training
+            (:data:`~volcnn.transforms.INTENSITY_MODES`).
         stride_mm: heat-map grid step in mm.
         batch_size: windows per forward pass.
         device: where the network runs (default: CUDA when available).
@@ -86,7 +89,8 @@ class InferenceRunner:
         class_index: the softmax channel mapped (1 = nodule).
         skip_air: do not evaluate air: the window method skips windows centred on air (see
             :func:`~volcnn.inference.classifier_heatmap`), the dense method everything outside the
-            :func:`~volcnn.inference.body_mask`.
+            :func:`~volcnn.inference.body_mask`. Air is told by its HU, so only ``intensity="hu"`` skips it; other
+            settings evaluate the whole volume.
         model_info: ``{"name", "version", "sha256"}`` recorded in every ``findings.json``.
         progress: tqdm progress bar per case.
         method: ``"auto"`` (dense when the network can be split and its dense map agrees with the window reference,
@@ -123,6 +127,7 @@ class InferenceRunner:
         patch_size: Sequence[int],
         pixdim: Sequence[float] = (1.0, 1.0, 1.0),
         hu_window: Sequence[float] = (-1000.0, 400.0),
+        intensity: str = "hu",
         stride_mm: float = 4.0,
         batch_size: int = 32,
         device: str | torch.device | None = None,
@@ -158,6 +163,7 @@ class InferenceRunner:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.pixdim = tuple(float(p) for p in pixdim)
         self.hu_window = tuple(float(w) for w in hu_window)
+        self.intensity = check_intensity(intensity)
         self.stride_mm = float(stride_mm)
         self.batch_size = int(batch_size)
         self.threshold = float(threshold)
@@ -166,7 +172,9 @@ class InferenceRunner:
         self.score = score
         self.score_k = int(score_k)
         self.class_index = int(class_index)
-        self.skip_air = as_bool(skip_air)
+        self.skip_air = as_bool(skip_air) and self.intensity == "hu"
+        if as_bool(skip_air) and not self.skip_air:
+            logger.info("intensity %r: air cannot be told by its HU, the whole volume is evaluated", self.intensity)
         info = dict(model_info or {})
         self.model_info = {"name": info.get("name"), "version": info.get("version"), "sha256": info.get("sha256")}
         self.progress = as_bool(progress)
@@ -208,7 +216,7 @@ class InferenceRunner:
             progress=self.progress,
             flips=self.flips,
         )
-        self._chain = volume_transforms("image", self.pixdim, self.hu_window)
+        self._chain = volume_transforms("image", self.pixdim, self.hu_window, self.intensity)
         #: the per-case work of volume mode (None in candidate mode, whose work is :meth:`process` itself)
         self.volume_mode: VolumeModeProcessor | None = None
         if self.mode == "volume":
@@ -217,6 +225,7 @@ class InferenceRunner:
                 patch_size=self.patch_size,
                 pixdim=self.pixdim,
                 hu_window=self.hu_window,
+                intensity=self.intensity,
                 margin=self.margin,
                 device=self.device,
                 class_index=self.class_index,
@@ -231,6 +240,7 @@ class InferenceRunner:
         settings = {
             "patch_size": self.patch_size,
             "pixdim": self.pixdim,
+            "intensity": self.intensity,
             "hu_window": self.hu_window,
             "stride_mm": self.stride_mm,
             "method": self.method,

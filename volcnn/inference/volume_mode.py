@@ -39,6 +39,7 @@ from volcnn.explain.volume import VOLUME_EXPLANATION_NAME, explain_volume
 from volcnn.io.input_hash import input_sha256
 from volcnn.io.volume import load_volume
 from volcnn.transforms.chains import evaluation_transforms
+from volcnn.transforms.intensity import check_intensity
 from volcnn.transforms.volume_cache import preprocess_loaded
 
 __all__ = ["VolumeModeProcessor"]
@@ -51,7 +52,8 @@ class VolumeModeProcessor:
         network: classifier ``(B, 1, *patch_size)`` -> logits ``(B, K)``, already on ``device`` in eval mode.
         patch_size: the network's input size; the whole volume is fitted into it.
         pixdim: voxel size (mm) of the preprocessing, as in training.
-        hu_window: HU window of the preprocessing, as in training.
+        hu_window: HU window of the preprocessing, as in training (``intensity="hu"``).
+        intensity: the intensity setting of the preprocessing, as in training.
         margin: the training chain's margin (it does not change a fitted volume; kept so the chain is the same).
         device: where the network runs.
         class_index: the class whose probability is the ``score``.
@@ -66,6 +68,7 @@ class VolumeModeProcessor:
         pixdim: Sequence[float],
         hu_window: Sequence[float],
         margin: int,
+        intensity: str = "hu",
         device: torch.device,
         class_index: int,
         model_info: Mapping[str, Any],
@@ -74,13 +77,16 @@ class VolumeModeProcessor:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.pixdim = tuple(float(p) for p in pixdim)
         self.hu_window = tuple(float(w) for w in hu_window)
+        self.intensity = check_intensity(intensity)
         self.margin = int(margin)
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.device = device
         self.class_index = int(class_index)
         self.model_info = dict(model_info)
-        self.chain = evaluation_transforms(self.pixdim, self.hu_window, self.patch_size, self.margin, cache_size=0)
+        self.chain = evaluation_transforms(
+            self.pixdim, self.hu_window, self.patch_size, self.margin, cache_size=0, intensity=self.intensity
+        )
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -89,6 +95,7 @@ class VolumeModeProcessor:
             "mode": "volume",
             "patch_size": self.patch_size,
             "pixdim": self.pixdim,
+            "intensity": self.intensity,
             "hu_window": self.hu_window,
             "margin": self.margin,
             "class_index": self.class_index,

@@ -18,6 +18,7 @@ from torch import nn
 
 from volcnn.models.calibration import read_calibration
 from volcnn.models.weights import WeightsMismatchError, find_weights_mismatch, load_weights
+from volcnn.transforms.intensity import INTENSITY_MODES, check_intensity
 
 __all__ = [
     "CONFIG_FILE",
@@ -123,16 +124,18 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
         parser: a ``monai.bundle.ConfigParser`` holding the inference config and the metadata (``_meta_``).
 
     Returns:
-        ``{"description_version", "patch_size", "pixdim", "hu_window", "in_channels", "num_classes",
-        "class_names", "network_def", "bundle_name", "bundle_version", "output", "mode", "margin", "findings"}``
-        (plain JSON types); ``mode`` is the config's ``mode`` (default ``candidate``), ``margin`` its ``margin``
-        (default 8, as ``train.json``), which volume mode's preprocessing takes; ``findings`` the config's
+        ``{"description_version", "patch_size", "pixdim", "intensity", "hu_window", "in_channels", "num_classes",
+        "class_names", "network_def", "ensemble", "bundle_name", "bundle_version", "output", "mode", "margin",
+        "findings"}`` (plain JSON types); ``intensity`` is the config's intensity setting (default ``hu``);
+        ``ensemble`` its number of members (default 1: one network); ``mode`` is the config's ``mode`` (default
+        ``candidate``), ``margin`` its ``margin`` (default 8, as ``train.json``), which volume mode's preprocessing
+        takes; ``findings`` the config's
         :data:`FINDING_KEYS` it sets and ``calibration`` (the dict of ``calibration_file``, None without one), so an
         exported model reports the findings the bundle does.
 
     Raises:
         KeyError: when the config has no ``patch_size``.
-        ValueError: an unknown ``mode``.
+        ValueError: an unknown ``mode`` or ``intensity``.
     """
 
     def get(key: str, default: Any = None) -> Any:
@@ -150,11 +153,13 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
         "description_version": DESCRIPTION_VERSION,
         "patch_size": [int(p) for p in parser.get_parsed_content("patch_size")],
         "pixdim": [float(p) for p in get("pixdim", [1.0, 1.0, 1.0])],
+        "intensity": check_intensity(str(get("intensity", INTENSITY_MODES[0]))),
         "hu_window": [float(w) for w in get("hu_window", [-1000.0, 400.0])],
         "in_channels": int(image.get("num_channels", 1)),
         "num_classes": num_classes,
         "class_names": names,
         "network_def": network_def if isinstance(network_def, str) else None,
+        "ensemble": int(get("ensemble", 1)),
         "bundle_name": meta.get("name"),
         "bundle_version": meta.get("version"),
         "output": "logits",

@@ -47,6 +47,7 @@ from volcnn.models.bundle_config import (
     parser_from,
 )
 from volcnn.models.weights import WeightsMismatchError
+from volcnn.transforms.intensity import INTENSITY_MODES, check_intensity
 
 __all__ = [
     "EXPORTED_SUFFIXES",
@@ -106,9 +107,11 @@ def _description_from_files(
 
 
 def _settings(path: Path, description: Mapping[str, Any], sha256: str) -> dict[str, Any]:
-    """InferenceRunner keyword arguments from a description: patch_size, pixdim, hu_window, mode, margin, model_info.
+    """InferenceRunner keyword arguments from a description: patch_size, pixdim, intensity, hu_window, mode, margin,
+    model_info.
 
-    A description written before ``mode`` existed (version 1) is a candidate-mode model with the default margin.
+    A description written before ``mode`` existed (version 1) is a candidate-mode model with the default margin; one
+    written before ``intensity`` existed windows HU (``hu``).
     """
     try:
         patch = tuple(int(p) for p in description["patch_size"])
@@ -125,10 +128,15 @@ def _settings(path: Path, description: Mapping[str, Any], sha256: str) -> dict[s
         mode = check_mode(description.get("mode", INFERENCE_MODES[0]), f"{path}: embedded settings")
     except ValueError as e:
         raise ExportedModelError(str(e)) from e
+    try:
+        intensity = check_intensity(str(description.get("intensity", INTENSITY_MODES[0])))
+    except ValueError as e:
+        raise ExportedModelError(f"{path}: embedded settings: {e}") from e
     info = {"name": description.get("bundle_name"), "version": description.get("bundle_version"), "sha256": sha256}
     return {
         "patch_size": patch,
         "pixdim": pixdim,
+        "intensity": intensity,
         "hu_window": window,
         "mode": mode,
         "margin": margin,

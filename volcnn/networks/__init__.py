@@ -4,6 +4,7 @@ trunk/head split for dense heat maps and Grad-CAM layers (:mod:`volcnn.networks.
 from __future__ import annotations
 
 from volcnn.networks import monai_nets, seed_cnn, valid_cnn  # noqa: F401  (registers the networks)
+from volcnn.networks.ensemble import EnsembleClassifier
 from volcnn.networks.families import Family, TrunkHead, cam_layers, family_of, register_family, split_trunk_head
 from volcnn.networks.introspect import in_channels, unwrap
 from volcnn.networks.registry import create_network, list_networks, register_network
@@ -11,6 +12,7 @@ from volcnn.networks.seed_cnn import SeedCNN3d
 from volcnn.networks.valid_cnn import ValidCNN3d
 
 __all__ = [
+    "EnsembleClassifier",
     "Family",
     "SeedCNN3d",
     "TrunkHead",

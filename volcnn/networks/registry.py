@@ -40,9 +40,10 @@ def create_network(
     in_channels: int = 1,
     num_classes: int = 2,
     spatial_size: Sequence[int] | None = None,
+    ensemble: int = 1,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build the registered network ``name``.
+    """Build the registered network ``name``, or an ensemble of ``ensemble`` of them.
 
     Args:
         name: registry name, e.g. ``"seed_cnn3d"``, ``"densenet121"``, ``"resnet18"``.
@@ -50,6 +51,8 @@ def create_network(
         num_classes: K, the number of logits per sample.
         spatial_size: the patch size ``(D, H, W)``; needed by networks with a dense head over a fixed grid,
             ignored by networks that end in global pooling.
+        ensemble: members of an :class:`~volcnn.networks.ensemble.EnsembleClassifier` (1: the network itself),
+            whose output is the log of the members' mean probabilities.
         kwargs: passed to the factory.
 
     Returns:
@@ -63,4 +66,12 @@ def create_network(
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (softmax over K classes), got {num_classes}")
     size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
+    if int(ensemble) < 1:
+        raise ValueError(f"ensemble must be >= 1 member, got {ensemble}")
+    if int(ensemble) > 1:
+        from volcnn.networks.ensemble import EnsembleClassifier
+
+        members = [create_network(name, in_channels=in_channels, num_classes=num_classes, spatial_size=size, **kwargs)
+                   for _ in range(int(ensemble))]  # fmt: skip
+        return EnsembleClassifier(members)
     return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, spatial_size=size, **kwargs)

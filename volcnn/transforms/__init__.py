@@ -12,11 +12,12 @@ from volcnn.transforms.chains import (
     validation_transforms,
 )
 from volcnn.transforms.crop import CropOrFitd, FitVolume, WorldPatchCrop
-from volcnn.transforms.intensity import HUWindow, HUWindowd
+from volcnn.transforms.intensity import INTENSITY_MODES, HUWindow, HUWindowd, check_intensity, intensity_transform
 from volcnn.transforms.resample import ResampleToSpacing, ResampleToSpacingd, resample_linear, resample_to_grid
 from volcnn.transforms.volume_cache import PreprocessVolumed, preprocess_loaded, preprocess_volume, volume_transforms
 
 __all__ = [
+    "INTENSITY_MODES",
     "AugmentParams",
     "BatchRandAugment",
     "CropOrFitd",
@@ -28,8 +29,10 @@ __all__ = [
     "ResampleToSpacingd",
     "WorldPatchCrop",
     "augmentation_transforms",
+    "check_intensity",
     "deterministic_transforms",
     "evaluation_transforms",
+    "intensity_transform",
     "preprocess_loaded",
     "preprocess_volume",
     "resample_linear",

@@ -1,6 +1,6 @@
 """The standard transform chains: deterministic preprocessing (cached) and random augmentation (after the cache).
 
-Deterministic: :class:`~volcnn.transforms.volume_cache.PreprocessVolumed` (load, RAS, ``pixdim``, HU window)
+Deterministic: :class:`~volcnn.transforms.volume_cache.PreprocessVolumed` (load, RAS, ``pixdim``, intensity)
 then :class:`~volcnn.transforms.crop.CropOrFitd` (candidate patch around ``center`` or the whole volume) giving
 ``(1, *(patch_size + 2 * margin))``. Random: affine, flips, 90-degree rotations, final crop to ``patch_size``,
 noise, intensity shift. Validation ends with the same centre crop and no randomness
@@ -41,16 +41,23 @@ def deterministic_transforms(
     margin: int = 8,
     cache_size: int = 2,
     image_key: str = "image",
+    intensity: str = "hu",
 ) -> Compose:
     """Everything before the first random transform; the output is what CacheDataset keeps.
 
+    ``intensity`` is the intensity setting (:func:`~volcnn.transforms.intensity.intensity_transform`; ``hu``: the
+    ``hu_window`` to [0, 1]).
+
     Returns:
         A Compose mapping ``{"image": path, "label": int, ["center": [x, y, z]]}`` to ``image``
-        ``(1, *(patch_size + 2 * margin))`` float32 in [0, 1] with an exact RAS affine, ``center`` ``(3,)``.
+        ``(1, *(patch_size + 2 * margin))`` float32 (in [0, 1] for ``hu`` and ``percentile``) with an exact RAS
+        affine, ``center`` ``(3,)``.
     """
     return Compose(
         [
-            PreprocessVolumed(image_key, pixdim=pixdim, hu_window=hu_window, cache_size=cache_size),
+            PreprocessVolumed(
+                image_key, pixdim=pixdim, hu_window=hu_window, cache_size=cache_size, intensity=intensity
+            ),
             CropOrFitd(image_key, patch_size=patch_size, margin=margin),
         ]
     )
@@ -110,6 +117,7 @@ def evaluation_transforms(
     margin: int = 8,
     cache_size: int = 2,
     image_key: str = "image",
+    intensity: str = "hu",
 ) -> Compose:
     """What validation and evaluation feed the network: :func:`deterministic_transforms` then
     :func:`validation_transforms`, flattened, as ``train.json`` builds its ``validate#preprocessing`` (which the
@@ -127,7 +135,7 @@ def evaluation_transforms(
     """
     return Compose(
         [
-            deterministic_transforms(pixdim, hu_window, patch_size, margin, cache_size, image_key),
+            deterministic_transforms(pixdim, hu_window, patch_size, margin, cache_size, image_key, intensity),
             validation_transforms(patch_size, image_key),
         ]
     ).flatten()

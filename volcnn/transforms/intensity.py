@@ -1,4 +1,18 @@
-"""Hounsfield-unit windowing: ``HUWindow`` (array) and ``HUWindowd`` (dictionary)."""
+"""Intensity settings: Hounsfield-unit windowing (``HUWindow``, ``HUWindowd``) for CT, and the settings for
+volumes that are not in HU (:func:`intensity_transform`, ``intensity`` in the bundle).
+
+``intensity`` is one of :data:`INTENSITY_MODES`:
+
+* ``hu`` (the default): CT in Hounsfield units, ``hu_window`` mapped linearly to [0, 1], clipped;
+* ``percentile``: any scalar image; the volume's own 0.5th..99.5th percentiles mapped to [0, 1], clipped
+  (MONAI's ``ScaleIntensityRangePercentilesd``), for 8-bit exports, MR, images of unknown scale;
+* ``zscore``: any scalar image; the volume's own mean 0 and standard deviation 1 (MONAI's ``NormalizeIntensityd``;
+  a constant volume is only shifted), for images already normalised or of stable contrast;
+* ``none``: values as stored, in float32, for masks and images prepared elsewhere.
+
+Every setting is per volume and needs no statistics from a dataset, so training, evaluation, inference and an
+exported model apply the identical transform from the bundle's settings alone.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +24,14 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
-from monai.transforms import MapTransform, Transform
+from monai.transforms import CastToTyped, MapTransform, NormalizeIntensityd, ScaleIntensityRangePercentilesd, Transform
 
-__all__ = ["HUWindow", "HUWindowd"]
+__all__ = ["INTENSITY_MODES", "PERCENTILES", "HUWindow", "HUWindowd", "check_intensity", "intensity_transform"]
+
+#: the intensity settings (``intensity`` in the bundle); ``hu`` is the default
+INTENSITY_MODES = ("hu", "percentile", "zscore", "none")
+#: the percentiles that ``percentile`` maps to 0 and 1
+PERCENTILES = (0.5, 99.5)
 
 #: tensors with at least this many voxels take the chunked CPU path of :class:`HUWindow`
 WINDOW_MIN_VOXELS = 1 << 20
@@ -97,3 +116,43 @@ class HUWindowd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.window(d[key])
         return d
+
+
+def check_intensity(intensity: str) -> str:
+    """``intensity`` if it is one of :data:`INTENSITY_MODES`.
+
+    Raises:
+        ValueError: any other value, naming the valid ones.
+    """
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
+    return intensity
+
+
+def intensity_transform(
+    keys: KeysCollection, intensity: str = "hu", hu_window: Sequence[float] = (-1000.0, 400.0)
+) -> MapTransform:
+    """The dictionary transform of an intensity setting (see the module docstring).
+
+    Args:
+        keys: the image key(s).
+        intensity: one of :data:`INTENSITY_MODES`.
+        hu_window: ``(lower, upper)`` HU; used by ``hu`` only.
+
+    Shapes:
+        ``(C, *spatial)`` -> same shape, float32; values in [0, 1] for ``hu`` and ``percentile``.
+
+    Raises:
+        ValueError: an unknown ``intensity`` or a bad ``hu_window``.
+    """
+    mode = check_intensity(intensity)
+    if mode == "hu":
+        return HUWindowd(keys, hu_window)
+    if mode == "percentile":
+        lower, upper = PERCENTILES
+        return ScaleIntensityRangePercentilesd(
+            keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32
+        )
+    if mode == "zscore":
+        return NormalizeIntensityd(keys, dtype=np.float32)
+    return CastToTyped(keys, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""``PreprocessVolumed``: load + RAS + resample + window one volume, reusing the result across samples.
+"""``PreprocessVolumed``: load + RAS + resample + intensity setting of one volume, reusing the result across samples.
 
 In candidate mode many samples (candidates) share one volume; without reuse every candidate would load and
 resample its whole CT again. A small LRU keyed by the image path keeps the last few preprocessed volumes
@@ -24,16 +24,20 @@ from monai.transforms import (
 
 from volcnn.io.reader import LoadVolumed, PreloadedReader
 from volcnn.io.types import Volume
-from volcnn.transforms.intensity import HUWindowd
+from volcnn.transforms.intensity import intensity_transform
 from volcnn.transforms.resample import ResampleToSpacingd
 
 __all__ = ["PreprocessVolumed", "preprocess_loaded", "preprocess_volume", "volume_transforms"]
 
 
 def volume_transforms(
-    keys: KeysCollection = "image", pixdim: Sequence[float] = (1.0, 1.0, 1.0), hu_window: Sequence[float] = (-1000, 400)
+    keys: KeysCollection = "image",
+    pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+    hu_window: Sequence[float] = (-1000, 400),
+    intensity: str = "hu",
 ) -> Compose:
-    """Load (validated reader) -> channel first -> RAS -> resample to ``pixdim`` in float32 -> HU window to [0, 1].
+    """Load (validated reader) -> channel first -> RAS -> resample to ``pixdim`` in float32 -> the intensity setting
+    (:func:`~volcnn.transforms.intensity.intensity_transform`: by default the HU window to [0, 1]).
 
     The resampling (:class:`~volcnn.transforms.resample.ResampleToSpacingd`) lands on exactly the grid (shape and
     affine) of MONAI's ``Spacingd(keys, pixdim, mode="bilinear", dtype=np.float32)``, with the same trilinear
@@ -47,7 +51,7 @@ def volume_transforms(
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
             Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             ResampleToSpacingd(keys, pixdim=tuple(float(p) for p in pixdim)),
-            HUWindowd(keys, hu_window),
+            intensity_transform(keys, intensity, hu_window),
         ]
     )
 
@@ -90,9 +94,11 @@ def preprocess_loaded(chain: Compose, volume: Volume | list[Volume]) -> MetaTens
     return image
 
 
-def preprocess_volume(volume: Volume, pixdim: Sequence[float], hu_window: Sequence[float]) -> MetaTensor:
+def preprocess_volume(
+    volume: Volume, pixdim: Sequence[float], hu_window: Sequence[float], intensity: str = "hu"
+) -> MetaTensor:
     """The training / inference chain (:func:`volume_transforms`) on a loaded volume; see :func:`preprocess_loaded`."""
-    return preprocess_loaded(volume_transforms("image", pixdim, hu_window), volume)
+    return preprocess_loaded(volume_transforms("image", pixdim, hu_window, intensity), volume)
 
 
 class PreprocessVolumed(MapTransform):
@@ -101,8 +107,9 @@ class PreprocessVolumed(MapTransform):
     Args:
         keys: the image key(s).
         pixdim: target voxel size in mm.
-        hu_window: ``(lower, upper)`` HU mapped to [0, 1].
+        hu_window: ``(lower, upper)`` HU mapped to [0, 1] (``intensity="hu"``).
         cache_size: volumes kept; 0 disables reuse.
+        intensity: the intensity setting (:data:`~volcnn.transforms.intensity.INTENSITY_MODES`).
     """
 
     def __init__(
@@ -112,9 +119,10 @@ class PreprocessVolumed(MapTransform):
         hu_window: Sequence[float] = (-1000, 400),
         cache_size: int = 2,
         allow_missing_keys: bool = False,
+        intensity: str = "hu",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.chain = volume_transforms(keys, pixdim, hu_window)
+        self.chain = volume_transforms(keys, pixdim, hu_window, intensity)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self._lock = threading.Lock()
