@@ -24,6 +24,7 @@ SUBPACKAGES = (
     "models",
     "data",
     "evaluation",
+    "planning",
     "explain",
     "inference",
     "engines",

@@ -4,7 +4,14 @@ metadata schema."""
 from __future__ import annotations
 
 from volcnn.bundle.export import EXPORT_FORMATS, export_bundle
-from volcnn.bundle.package import PackageError, PackageResult, configure_bundle, install_model, package_run
+from volcnn.bundle.package import (
+    PackageError,
+    PackageResult,
+    configure_bundle,
+    install_model,
+    package_crossval,
+    package_run,
+)
 from volcnn.bundle.verify import (
     SCHEMA_NAME,
     SCHEMA_SHA256,
@@ -25,6 +32,7 @@ __all__ = [
     "configure_bundle",
     "export_bundle",
     "install_model",
+    "package_crossval",
     "package_run",
     "SCHEMA_NAME",
     "SCHEMA_SHA256",

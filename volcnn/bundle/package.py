@@ -43,6 +43,7 @@ __all__ = [
     "PackageResult",
     "configure_bundle",
     "install_model",
+    "package_crossval",
     "package_run",
 ]
 
@@ -263,15 +264,32 @@ def package_run(
         raise FileNotFoundError(f"{weights}: the run's best weights not found (training writes them at validation)")
     source = _source_bundle(record, record_file, src)
     _check_out(out, source, run_dir)
-    settings, mode = model_settings(record), str(record["mode"])
+    calibration = run_dir / CALIBRATION_FILE
+    return _package(
+        record, run_dir, weights, calibration if calibration.is_file() else None, source, out, inference_settings={}
+    )
 
+
+def _package(
+    record: dict[str, Any],
+    run_dir: Path,
+    weights: Path,
+    calibration: Path | None,
+    source: Path,
+    out: Path,
+    inference_settings: dict[str, Any],
+) -> PackageResult:
+    """The steps of :func:`package_run` from a checked record: ``weights`` installed as ``models/model.pt``,
+    ``calibration`` (or none), ``inference_settings`` written into ``inference.json`` only (with ``mode``)."""
+    settings, mode = model_settings(record), str(record["mode"])
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.package-", dir=out.parent))
     try:
         build = configure_bundle(source, scratch / out.name, settings, exclude=[run_dir])
         files = [f"configs/{name}" for name in CONFIG_FILES]
         inference = build / "configs" / "inference.json"
-        atomic_write_json(inference, {**json.loads(inference.read_text(encoding="utf-8")), "mode": mode})
+        config = json.loads(inference.read_text(encoding="utf-8"))
+        atomic_write_json(inference, {**config, **inference_settings, "mode": mode})
         try:
             install_model(build, weights)
             network, _, _ = load_bundle_network(build, weights, device="cpu")
@@ -279,14 +297,13 @@ def package_run(
             reason = str(e).replace(str(build), str(out))  # name the bundle as it would have been written
             raise PackageError(f"{out}: not written: {reason}") from e
         files.append("models/model.pt")
-        calibration = run_dir / CALIBRATION_FILE
-        if calibration.is_file():
+        if calibration is not None:
             shutil.copyfile(calibration, build / "models" / CALIBRATION_FILE)
             files.append(f"models/{CALIBRATION_FILE}")
         meta_file = build / "configs" / "metadata.json"
         meta = packaged_metadata(
             json.loads(meta_file.read_text(encoding="utf-8")),
-            settings,
+            {**settings, **inference_settings},
             mode=mode,
             labels=record["labels"] if isinstance(record.get("labels"), dict) else None,
             in_channels=in_channels(network, default=1),
@@ -308,6 +325,61 @@ def package_run(
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info("packaged %s from %s (run %s)", out, source, run_dir)
     return PackageResult(
-        bundle=out, source=source, run_dir=run_dir, settings=settings, mode=mode, version=str(meta["version"]),
-        files=sorted(files), checks=checks, replaced=replaced,
+        bundle=out, source=source, run_dir=run_dir, settings={**settings, **inference_settings}, mode=mode,
+        version=str(meta["version"]), files=sorted(files), checks=checks, replaced=replaced,
     )  # fmt: skip
+
+
+def package_crossval(
+    cv_dir: str | os.PathLike[str], out: str | os.PathLike[str], src: str | os.PathLike[str] | None = None
+) -> PackageResult:
+    """Package a cross-validation folder (``volcnn crossval``'s output) as one bundle holding its k models:
+    ``volcnn package O --out BUNDLE``.
+
+    Every fold must be finished and trained with the same model settings. Their best weights become one state dict
+    of :class:`~volcnn.networks.EnsembleClassifier` (``members.<i>.`` + each fold's keys) in ``models/model.pt``, and
+    ``inference.json`` gets ``ensemble: k``, so ``volcnn infer``, the evaluate overlay and the exports run the k
+    models as one network whose probability is their mean. The folds' calibrations were fitted to single models,
+    not to the mean, so none is installed (probabilities are the ensemble's own). The rest is :func:`package_run`.
+
+    Raises:
+        FileNotFoundError: ``cv_dir`` or its ``folds.json`` is missing.
+        UsageError: a fold is unfinished, or the folds were trained with different model settings or modes.
+        RunRecordError, PackageError: as :func:`package_run`.
+    """
+    cv_dir, out = Path(cv_dir), Path(out).absolute()
+    folds_file = cv_dir / "folds.json"
+    if not folds_file.is_file():
+        raise FileNotFoundError(f"{folds_file}: not a cross-validation folder (no folds.json)")
+    doc = json.loads(folds_file.read_text(encoding="utf-8"))
+    k = int(doc["k"])
+    fold_dirs = [cv_dir / f"fold_{i}" for i in range(k)]
+    unfinished = [d.name for d in fold_dirs if not (d / "done.json").is_file()]
+    if unfinished:
+        raise UsageError(f"{cv_dir}: folds {', '.join(unfinished)} are not finished; run volcnn crossval again first")
+    records = [_checked_record(d)[0] for d in fold_dirs]
+    first = model_settings(records[0])
+    for d, record in zip(fold_dirs[1:], records[1:], strict=True):
+        other = model_settings(record)
+        differ = sorted(key for key in set(first) | set(other) if first.get(key) != other.get(key))
+        if differ or record["mode"] != records[0]["mode"]:
+            raise UsageError(f"{d}: trained with other settings than {fold_dirs[0].name} ({differ or ['mode']})")
+    source = _source_bundle(records[0], cv_dir / "fold_0" / RUN_FILE, src)
+    _check_out(out, source, cv_dir)
+    state: dict[str, torch.Tensor] = {}
+    for i, d in enumerate(fold_dirs):
+        weights = d / "models" / "model.pt"
+        try:
+            member = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise PackageError(f"{out}: not written: {weights}: not a weights-only loadable state dict ({e})") from e
+        state.update({f"members.{i}.{key}": value for key, value in member.items()})
+    record = {**records[0], "datalist_sha256": doc.get("datalist_sha256")}
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.ensemble-", dir=out.parent if out.parent.exists() else None))
+    try:
+        merged = scratch / "model.pt"
+        with open(merged, "wb") as f:  # a file object: no temp name is written into the archive
+            torch.save(state, f)
+        return _package(record, cv_dir, merged, None, source, out, inference_settings={"ensemble": k})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -11,6 +11,7 @@ maps them to exit codes in one place.
 from __future__ import annotations
 
 from volcnn.commands import (
+    crossval,
     datalist,
     evaluate_findings,
     export,
@@ -19,6 +20,7 @@ from volcnn.commands import (
     mine,
     networks,
     package,
+    plan,
     synth,
     verify_bundle,
 )
@@ -26,4 +28,17 @@ from volcnn.commands import (
 __all__ = ["COMMANDS"]
 
 #: the subcommand modules, in the order ``volcnn --help`` lists them
-COMMANDS = (synth, ingest, datalist, mine, infer, evaluate_findings, package, export, verify_bundle, networks)
+COMMANDS = (
+    synth,
+    ingest,
+    datalist,
+    plan,
+    crossval,
+    mine,
+    infer,
+    evaluate_findings,
+    package,
+    export,
+    verify_bundle,
+    networks,
+)

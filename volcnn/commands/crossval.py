@@ -1,0 +1,82 @@
+"""``volcnn crossval``: k patient-grouped, stratified folds of a datalist's training and validation patients, each
+trained and evaluated through the bundle, pooled into out-of-fold predictions and metrics
+(:mod:`volcnn.engines.crossval`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from volcnn.commands._overrides import parse_overrides
+from volcnn.commands._paths import existing_dir, existing_file
+from volcnn.core.errors import UsageError
+
+NAME = "crossval"
+HELP = "k-fold cross-validation through the bundle: grouped stratified folds, out-of-fold predictions, metrics"
+#: unknown ``--KEY VALUE`` arguments are the bundle's config overrides, as for ``python -m monai.bundle run``
+ACCEPTS_OVERRIDES = True
+#: the repository's bundle, the default of ``--bundle`` in a source checkout
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "lung_nodule_ct_classification"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datalist", required=True, metavar="DL", help="the datalist (its test section is never used)")
+    p.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, metavar="D",
+                   help="folder the image paths are relative to (default: the datalist's folder)")  # fmt: skip
+    p.add_argument("--k", type=int, default=5, help="folds (default 5, at least 3)")
+    p.add_argument("--out", required=True, metavar="O", help="output folder (a killed run resumes in it)")
+    p.add_argument("--args-file", "--args_file", dest="args_file", default=None, metavar="JSON",
+                   help="train.json overrides for every fold, e.g. volcnn plan's plan.json")  # fmt: skip
+    p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), metavar="BUNDLE",
+                   help="the bundle whose configs/train.json and evaluate.json run each fold")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and of every fold's training (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
+    p.epilog = "Other --KEY VALUE pairs override the bundle config for every fold, after --args-file."
+
+
+def _args_file(path: str) -> dict[str, Any]:
+    existing_file(path, "args file")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the args file ({e})") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: an args file is a JSON object of train.json keys")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the pooled figures; exit 0 when every fold finished, 2 for bad options or paths, 1 when a fold failed
+    (the finished ones are kept; run again to resume)."""
+    from volcnn.engines.crossval import run_crossval
+
+    existing_file(args.datalist, "datalist")
+    if args.dataset_dir is not None:
+        existing_dir(args.dataset_dir, "dataset folder")
+    bundle = existing_dir(args.bundle, "bundle")
+    train, evaluate = bundle / "configs" / "train.json", bundle / "configs" / "evaluate.json"
+    for config in (train, evaluate):
+        existing_file(config, "bundle config")
+    overrides = {**(_args_file(args.args_file) if args.args_file else {}), **parse_overrides(args.overrides or [])}
+    for key in ("datalist", "dataset_dir", "output_dir"):
+        if overrides.pop(key, None) is not None:
+            raise UsageError(f"--{key} is set by volcnn crossval for each fold; use --datalist / --dataset-dir / --out")
+    overrides.setdefault("bundle_root", str(bundle))
+    if args.device is not None:
+        overrides["device"] = f"$torch.device({args.device!r})"
+    metrics = run_crossval(
+        train, evaluate, args.datalist, args.out, k=args.k, seed=args.seed, dataset_dir=args.dataset_dir,
+        overrides=overrides,
+    )  # fmt: skip
+    ci = metrics["pooled_roc_auc_ci95"]
+    pooled = metrics["pooled_roc_auc"]
+    print(
+        f"{args.k}-fold pooled out-of-fold ROC AUC "
+        + ("n/a" if pooled is None else f"{pooled:.3f}")
+        + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+        + f" over {metrics['n']} held-out entries"
+    )
+    print(json.dumps({"cv_metrics": f"{args.out}/cv_metrics.json", "oof": f"{args.out}/oof_predictions.csv"}))
+    return 0
