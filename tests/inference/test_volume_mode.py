@@ -137,6 +137,7 @@ def test_findings_json_in_volume_mode(batch, name):
         "mode": "volume",
         "patch_size": list(PATCH),
         "pixdim": [2.0, 2.0, 2.0],
+        "intensity": "hu",
         "hu_window": [-1000.0, 400.0],
         "margin": 2,
         "class_index": 2,
