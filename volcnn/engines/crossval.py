@@ -19,6 +19,7 @@ A killed cross-validation resumes where it stopped when run again with the same 
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import logging
@@ -134,6 +135,7 @@ def run_crossval(
         if not (fold_dir / "predictions.csv").is_file():
             raise RuntimeError(f"{fold_dir}: the evaluation wrote no predictions.csv")
         atomic_write_json(fold_dir / "done.json", {"fold": fold, "k": k, "seed": seed})
+        gc.collect()  # the fold's workflows (and their cached patches) are unreferenced now; free them before the next
     return crossval_summary(root, k, seed)
 
 
