@@ -132,3 +132,27 @@ def test_the_volume_score_is_the_noisy_or_of_calibrated_findings(scan, tmp_path)
     top = [f["probability"] for f in doc["findings"]][:5]
     assert doc["score_method"] == "noisy_or"
     assert doc["score"] == pytest.approx(1 - np.prod([1 - p for p in top]), abs=2e-3)
+
+
+def test_an_ensemble_gets_a_dense_heat_map_equal_to_its_windows():
+    """An ensemble of splittable networks is mapped densely, member by member, and its map (the mean of the members'
+    probabilities) equals window-by-window evaluation of the ensemble itself."""
+    from volcnn.networks import create_network
+
+    torch.manual_seed(0)
+    net = create_network("valid_cnn3d", spatial_size=(32, 32, 32), ensemble=2).eval()
+    with torch.no_grad():  # spread the untrained members' probabilities away from 0.5
+        for layer in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+            layer.weight.mul_(200.0)
+    g = torch.Generator().manual_seed(1)
+    image = MetaTensor(torch.rand(1, 38, 36, 34, generator=g))
+    image.affine = torch.as_tensor(make_affine((1.0, 1.0, 1.0)), dtype=torch.float64)
+    dense = HeatmapStrategy(net, (32, 32, 32), stride_mm=8.0, method="dense", skip_air=False, dense_check_points=0)
+    assert len(dense.dense_parts) == 2
+    heat, aff, how = dense(image, "x")
+    window = HeatmapStrategy(net, (32, 32, 32), stride_mm=8.0, method="window", skip_air=False)
+    ref, ref_aff, ref_how = window(image, "x")
+    assert how["method"] == "dense" and ref_how["method"] == "window"
+    np.testing.assert_array_equal(aff, ref_aff)
+    assert np.ptp(ref) > 0.05
+    np.testing.assert_allclose(heat, ref, atol=1e-5, rtol=0)

@@ -30,6 +30,8 @@ from volcnn.inference.body_mask import body_mask
 from volcnn.inference.dense import DEFAULT_TILE_MB, dense_heatmap, dense_window_difference
 from volcnn.inference.dense_split import SplitClassifier, split_classifier
 from volcnn.inference.heatmap import classifier_heatmap, heatmap_grid, select_windows
+from volcnn.networks.ensemble import EnsembleClassifier
+from volcnn.networks.introspect import unwrap
 
 __all__ = ["HEATMAP_METHODS", "HeatmapStrategy", "grid_step"]
 
@@ -105,9 +107,14 @@ class HeatmapStrategy:
         self.progress = bool(progress)
         self.flips = bool(flips)
         self.split: SplitClassifier | None = None
+        #: ``(network, split)`` whose dense maps are averaged: the network itself, or each member of an ensemble
+        #: (an ensemble's probability is its members' mean, so its dense map is the mean of theirs)
+        self.dense_parts: list[tuple[nn.Module, SplitClassifier]] = []
         if method != "window":
+            members = _members(network)
             try:
-                self.split = split_classifier(network)
+                self.dense_parts = [(member, split_classifier(member)) for member in members]
+                self.split = self.dense_parts[0][1]
             except ValueError as e:
                 if method == "dense":
                     raise ValueError(f"method 'dense': {e}") from e
@@ -115,7 +122,7 @@ class HeatmapStrategy:
         if self.split is not None:
             logger.info(
                 "heat maps dense: the %s trunk once per tile (stride %s) %s, checked against windows at %d points%s",
-                type(network).__name__,
+                type(network).__name__ + (f" members' ({len(self.dense_parts)})" if len(self.dense_parts) > 1 else ""),
                 self.split.total_stride,
                 "inside the body mask" if self.skip_air else "over the whole volume",
                 self.dense_check_points,
@@ -151,19 +158,24 @@ class HeatmapStrategy:
         start = time.perf_counter()
         mask = body_mask(image, hu_window=self.hu_window) if self.skip_air else None
         t_mask = time.perf_counter() - start
-        heat, heat_affine = dense_heatmap(
-            image,
-            self.network,
-            self.patch_size,
-            stride_mm=self.stride_mm,
-            device=self.device,
-            class_index=self.class_index,
-            mask=mask,
-            halo=self.dense_halo,
-            tile_mb=self.tile_mb,
-            split=self.split,
-            progress=self.progress,
-        )
+        maps = []
+        for member, split in self.dense_parts:
+            heat, heat_affine = dense_heatmap(
+                image,
+                member,
+                self.patch_size,
+                stride_mm=self.stride_mm,
+                device=self.device,
+                class_index=self.class_index,
+                mask=mask,
+                halo=self.dense_halo,
+                tile_mb=self.tile_mb,
+                split=split,
+                progress=self.progress,
+            )
+            maps.append(heat)
+        if len(maps) > 1:  # an ensemble: the mean of its members' probabilities, as its forward pass gives
+            heat = np.mean(np.stack(maps), axis=0, dtype=np.float64).astype(np.float32)
         how: dict[str, Any] = {"method": "dense", "grid_step_vox": grid_step(image, heat_affine)}
         t_dense = time.perf_counter() - start - t_mask
         logger.debug("%s: body mask %.2f s, dense heat map %.2f s", case, t_mask, t_dense)
@@ -217,6 +229,7 @@ class HeatmapStrategy:
         # the disagreement comes from the network's padding, not from this CT: later cases go straight to windows
         # instead of paying for a dense map and its check again
         self.split = None
+        self.dense_parts = []
         logger.warning("the remaining cases of this run use the window method")
         return (
             heat,
@@ -260,3 +273,9 @@ def _extend_to_grid(image: torch.Tensor, step: list[int], grid_shape: tuple[int,
     if not any(pads):
         return data
     return torch.nn.functional.pad(data[None], pads, mode="replicate")[0]
+
+
+def _members(network: nn.Module) -> list[nn.Module]:
+    """The members of an :class:`~volcnn.networks.EnsembleClassifier` (wrappers removed), else ``[network]``."""
+    net = unwrap(network)
+    return list(net.members) if isinstance(net, EnsembleClassifier) else [network]
