@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from volcnn.evaluation.classification import roc_auc, roc_curve
 from volcnn.evaluation.plots import plot_roc
 from volcnn.io.datalist import read_datalist_json
 
-__all__ = ["OOF_FIELDS", "crossval_summary", "fold_dirs", "run_crossval"]
+__all__ = ["OOF_FIELDS", "crossval_summary", "run_crossval"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,11 +222,3 @@ def _report(m: Mapping[str, Any]) -> str:
         "![ROC](roc.png)",
     ]
     return "\n".join(lines) + "\n"
-
-
-def fold_dirs(root: str | os.PathLike[str]) -> Sequence[Path]:
-    """The finished folds of a cross-validation folder, in fold order."""
-    doc = json.loads((Path(root) / "folds.json").read_text(encoding="utf-8"))
-    return [
-        Path(root) / f"fold_{i}" for i in range(int(doc["k"])) if (Path(root) / f"fold_{i}" / "done.json").is_file()
-    ]
