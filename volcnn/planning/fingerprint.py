@@ -40,6 +40,7 @@ __all__ = [
     "SECTIONS",
     "VERDICTS",
     "PlanError",
+    "describe_verdicts",
     "fingerprint_dataset",
     "intensity_verdict",
     "voxel_sample",
