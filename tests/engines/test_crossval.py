@@ -151,3 +151,24 @@ def test_package_refuses_an_unfinished_crossval(cohort, tmp_path, monkeypatch):
     (out / "fold_2" / "done.json").unlink()
     assert main(["package", str(out), "--out", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b").exists()
+
+
+def test_folds_run_in_separate_calls_are_pooled_by_the_last(cohort, tmp_path, monkeypatch, capsys):
+    """One process per GPU: each runs its folds into the same folder; only the call that finishes the last pools."""
+    ran: list[str] = []
+    pooled: list[int] = []
+
+    def fake_run(run_id="run", **kwargs):
+        ran.append(Path(kwargs["output_dir"]).name)
+        _fake_fold(kwargs, run_id)
+
+    monkeypatch.setattr("monai.bundle.run", fake_run)
+    monkeypatch.setattr(crossval, "crossval_summary", lambda root, k, seed: pooled.append(k) or {
+                        "pooled_roc_auc": None, "pooled_roc_auc_ci95": None, "n": 0})  # fmt: skip
+    out = tmp_path / "cv"
+    assert main([*_argv(cohort, out), "--folds", "2"]) == 0
+    assert ran == ["fold_2", "fold_2"] and not pooled and "[0, 1] are not finished" in capsys.readouterr().out
+    assert main([*_argv(cohort, out), "--folds", "0,1"]) == 0
+    assert ran[2:] == ["fold_0", "fold_0", "fold_1", "fold_1"] and pooled == [3]
+    assert main([*_argv(cohort, out), "--folds", "3"]) == 2  # k = 3: folds 0..2
+    assert main([*_argv(cohort, out), "--folds", "a"]) == 2

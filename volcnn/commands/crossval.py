@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the bundle whose configs/train.json and evaluate.json run each fold")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of every fold's training (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
+    p.add_argument(
+        "--folds", default=None, metavar="I[,J...]",
+        help="run only these folds (e.g. one process per GPU); the one that finishes the last fold pools them",
+    )  # fmt: skip
     p.epilog = "Other --KEY VALUE pairs override the bundle config for every fold, after --args-file."
 
 
@@ -66,10 +70,17 @@ def run(args: argparse.Namespace) -> int:
     overrides.setdefault("bundle_root", str(bundle))
     if args.device is not None:
         overrides["device"] = f"$torch.device({args.device!r})"
+    try:
+        only = None if args.folds is None else [int(f) for f in args.folds.split(",") if f.strip()]
+    except ValueError as e:
+        raise UsageError(f"--folds takes fold numbers separated by commas, got {args.folds!r}") from e
     metrics = run_crossval(
         train, evaluate, args.datalist, args.out, k=args.k, seed=args.seed, dataset_dir=args.dataset_dir,
-        overrides=overrides,
+        overrides=overrides, only=only,
     )  # fmt: skip
+    if "pending" in metrics:
+        print(f"folds {metrics['pending']} are not finished yet; the pooled figures come when they are")
+        return 0
     ci = metrics["pooled_roc_auc_ci95"]
     pooled = metrics["pooled_roc_auc"]
     print(

@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,12 @@ def run_crossval(
     seed: int = 0,
     dataset_dir: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    only: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Draw the folds, train and evaluate each (skipping finished ones), pool the out-of-fold predictions.
+
+    With ``only``, just those folds run: start one process per GPU or per job, each with its folds and the same other
+    arguments, into one output folder; the process that finds every fold finished pools them.
 
     Args:
         config_file: the bundle's ``train.json``.
@@ -90,13 +94,14 @@ def run_crossval(
         seed: the folds' seed; also the training seed of every fold unless ``overrides`` sets ``seed``.
         dataset_dir: folder the image paths are relative to (default: the datalist's folder).
         overrides: train.json overrides for every fold (``plan.json``'s settings, device, epochs...).
+        only: the folds this call runs (default: all).
 
     Returns:
-        ``cv_metrics.json``'s content.
+        ``cv_metrics.json``'s content, or ``{"pending": [folds not finished yet]}`` when other folds remain.
 
     Raises:
-        UsageError: too few patients or class holders for ``k`` folds, no entries, or an output folder holding
-            another cross-validation.
+        UsageError: too few patients or class holders for ``k`` folds, no entries, a fold outside 0..k-1 in
+            ``only``, or an output folder holding another cross-validation.
     """
     from monai.bundle import run as bundle_run
 
@@ -115,11 +120,14 @@ def run_crossval(
         ],
     }
     _check_folds(root, doc)
+    chosen = list(range(k)) if only is None else sorted(set(int(f) for f in only))
+    if any(not 0 <= f < k for f in chosen):
+        raise UsageError(f"folds {chosen} outside 0..{k - 1}")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "folds.json", doc)
     base = str(Path(dataset_dir) if dataset_dir is not None else path.parent)
     common = {"seed": seed, **dict(overrides or {}), "dataset_dir": base}
-    for fold in range(k):
+    for fold in chosen:
         fold_dir = root / f"fold_{fold}"
         if (fold_dir / "done.json").is_file():
             logger.info("fold %d of %d: finished earlier, skipped", fold, k)
@@ -136,6 +144,10 @@ def run_crossval(
             raise RuntimeError(f"{fold_dir}: the evaluation wrote no predictions.csv")
         atomic_write_json(fold_dir / "done.json", {"fold": fold, "k": k, "seed": seed})
         gc.collect()  # the fold's workflows (and their cached patches) are unreferenced now; free them before the next
+    pending = [f for f in range(k) if not (root / f"fold_{f}" / "done.json").is_file()]
+    if pending:
+        logger.info("folds %s are not finished: the pooled figures are written when they are", pending)
+        return {"pending": pending}
     return crossval_summary(root, k, seed)
 
 
