@@ -172,3 +172,32 @@ def test_folds_run_in_separate_calls_are_pooled_by_the_last(cohort, tmp_path, mo
     assert ran[2:] == ["fold_0", "fold_0", "fold_1", "fold_1"] and pooled == [3]
     assert main([*_argv(cohort, out), "--folds", "3"]) == 2  # k = 3: folds 0..2
     assert main([*_argv(cohort, out), "--folds", "a"]) == 2
+
+
+def test_the_evaluate_overlay_scores_a_packaged_ensemble(cohort, tmp_path):
+    """``--ensemble k --ckpt_dir BUNDLE/models`` with the evaluate overlay gives the ensemble bundle's probabilities."""
+    from monai.bundle import ConfigWorkflow
+
+    from tests.bundle.test_package import _window_probabilities
+
+    out = tmp_path / "cv"
+    assert main(_argv(cohort, out)) == 0
+    ensemble = tmp_path / "ensemble"
+    assert main(["package", str(out), "--out", str(ensemble)]) == 0
+    config = [
+        str(ensemble / "configs" / "train.json"),
+        str(REPO / "bundles/lung_nodule_ct_classification/configs/evaluate.json"),
+    ]
+    overrides = {"bundle_root": str(ensemble), "dataset_dir": str(cohort), "datalist": str(cohort / "datalist.json"),
+                 "output_dir": str(tmp_path / "eval"), "ckpt_dir": str(ensemble / "models"), "ensemble": 3,
+                 "device": "cpu", "amp": False, "num_workers": 0, "batch_size": 4, "n_boot": 20,
+                 "progress": False}  # fmt: skip
+    workflow = ConfigWorkflow(config_file=config, workflow_type=None, **overrides)
+    workflow.initialize()
+    workflow.run()
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = np.asarray([float(r["prob"]) for r in rows])
+    got, inside = _window_probabilities(ensemble, rows, cohort)
+    assert inside.sum() >= 4 and expected[inside].std() > 1e-3
+    np.testing.assert_allclose(got[inside], expected[inside], atol=1e-5, rtol=0)
