@@ -42,6 +42,7 @@ import numpy as np
 from volcnn.core.atomic import atomic_write_json
 from volcnn.core.errors import UsageError
 from volcnn.core.hashing import sha256_file
+from volcnn.engines.run_record import SETTING_DEFAULTS
 from volcnn.evaluation.findings import read_annotations
 from volcnn.inference.runner import InferenceRunner
 from volcnn.io.datalist import load_datalist, read_datalist_json
@@ -167,8 +168,8 @@ def _resolved_settings(config_files: Sequence[str], overrides: Mapping[str, Any]
     parser = ConfigParser()
     parser.read_config(list(config_files))
     parser.update(dict(overrides))
-    defaults = {"intensity": "hu"}  # a train.json from before the intensity setting windows HU
-    return {key: parser.get_parsed_content(key, default=defaults.get(key)) for key in _SETTINGS}, parser
+    # a train.json from before a setting has its default (SETTING_DEFAULTS: one from before `intensity` windows HU)
+    return {key: parser.get_parsed_content(key, default=SETTING_DEFAULTS.get(key)) for key in _SETTINGS}, parser
 
 
 def round_dir(run_dir: str | os.PathLike[str], round_index: int) -> Path:

@@ -106,7 +106,6 @@ class HeatmapStrategy:
         self.tile_mb = float(tile_mb)
         self.progress = bool(progress)
         self.flips = bool(flips)
-        self.split: SplitClassifier | None = None
         #: ``(network, split)`` whose dense maps are averaged: the network itself, or each member of an ensemble
         #: (an ensemble's probability is its members' mean, so its dense map is the mean of theirs)
         self.dense_parts: list[tuple[nn.Module, SplitClassifier]] = []
@@ -114,7 +113,6 @@ class HeatmapStrategy:
             members = _members(network)
             try:
                 self.dense_parts = [(member, split_classifier(member)) for member in members]
-                self.split = self.dense_parts[0][1]
             except ValueError as e:
                 if method == "dense":
                     raise ValueError(f"method 'dense': {e}") from e
@@ -128,6 +126,11 @@ class HeatmapStrategy:
                 self.dense_check_points,
                 " (window method where they differ)" if method == "auto" else "",
             )
+
+    @property
+    def split(self) -> SplitClassifier | None:
+        """The (first) network's trunk/head split when the heat map is made densely, else None (window method)."""
+        return self.dense_parts[0][1] if self.dense_parts else None
 
     def __call__(self, image: torch.Tensor, case: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Heat map of a preprocessed ``(1, X, Y, Z)`` image.
@@ -228,7 +231,6 @@ class HeatmapStrategy:
         heat, heat_affine = self.window_heatmap(image)
         # the disagreement comes from the network's padding, not from this CT: later cases go straight to windows
         # instead of paying for a dense map and its check again
-        self.split = None
         self.dense_parts = []
         logger.warning("the remaining cases of this run use the window method")
         return (
