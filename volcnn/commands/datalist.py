@@ -32,8 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_split_options(q)
     q = sub.add_parser("from-csv", help="CSV image,label[,patient][,center_x,center_y,center_z] -> datalist")
     q.add_argument("csv", help="the CSV (centres in RAS mm)")
+    q.add_argument(
+        "--features",
+        default=None,
+        metavar="COL[:TYPE],...",
+        help="extra columns taken as clinical features, e.g. age,sex:categorical,smoker:binary; TYPE is numeric, "
+        "binary or categorical, inferred from the cells when omitted; an empty cell is a missing value",
+    )
     _add_split_options(q)
-    q = sub.add_parser("check", help="every image loads, labels declared, centres inside, no patient in two splits")
+    q = sub.add_parser(
+        "check",
+        help="every image loads, labels declared, centres inside, no patient in two splits, features typed",
+    )
     q.add_argument("datalist", help="datalist JSON")
     q.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, help="base of relative paths")
     q.add_argument("--no-load", action="store_true", help="only check that images exist (faster, no centre check)")
@@ -41,9 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when the datalist was written (or checks out), 1 when its content has problems (listed), 2 for a
-    missing path or an invalid split fraction."""
+    missing path, an invalid split fraction or an invalid --features."""
     from volcnn.io.datalist_check import check_datalist
-    from volcnn.io.datalist_import import from_csv, from_luna16
+    from volcnn.io.datalist_import import from_csv, from_luna16, parse_feature_columns
     from volcnn.io.datalist_split import check_fractions
 
     if args.datalist_command == "check":
@@ -72,6 +82,18 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         existing_file(args.csv, "CSV")
-        summary = from_csv(args.csv, args.out, dataset_dir=args.dataset_dir, skip_missing=args.skip_missing, **split)
+        if args.features is not None:
+            try:
+                parse_feature_columns(args.features)  # a bad option is a usage error (2), before reading the CSV
+            except ValueError as e:
+                raise UsageError(f"--features: {e}") from e
+        summary = from_csv(
+            args.csv,
+            args.out,
+            dataset_dir=args.dataset_dir,
+            skip_missing=args.skip_missing,
+            features=args.features,
+            **split,
+        )
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 1 if summary.get("problems") else 0

@@ -1,4 +1,5 @@
-"""Checking a whole datalist: images load, labels are declared, centres lie inside, no patient leaks.
+"""Checking a whole datalist: images load, labels are declared, centres lie inside, no patient leaks, clinical
+features are declared and well typed.
 
 :func:`check_datalist` keeps going past every problem and lists them all in a :class:`CheckReport`.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 from volcnn.core.geometry import world_to_voxel
 from volcnn.io.datalist import read_datalist_json
 from volcnn.io.datalist_split import SECTIONS, count_labels
+from volcnn.io.features import FeatureError, FeatureSpec, parse_feature_spec
 from volcnn.io.volume import load_volume
 
 __all__ = ["CheckReport", "check_datalist"]
@@ -33,8 +35,11 @@ class CheckReport:
         datalist: the checked file.
         dataset_dir: the folder relative image paths were resolved against.
         problems: one line per problem, each naming the section, the entry index and/or image, and the problem.
-        counts: per section (and ``"total"``): ``entries``, ``patients``, ``images``, ``labels`` {label: n}.
+        counts: per section (and ``"total"``): ``entries``, ``patients``, ``images``, ``labels`` {label: n}; when
+            the datalist declares features, also ``features_missing`` {feature: fraction of the section's entries
+            without a value}.
         labels: the declared label names.
+        features: the declared features that parsed, ``{name: declaration}`` (empty when none are declared).
         images_loaded: how many distinct images were loaded.
     """
 
@@ -43,6 +48,7 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
     images_loaded: int = 0
 
     @property
@@ -51,7 +57,8 @@ class CheckReport:
         return not self.problems
 
     def format(self) -> str:
-        """A readable multi-line text: a counts table (sections x labels) and the problems."""
+        """A readable multi-line text: a counts table (sections x labels), the features' missing shares
+        (features x sections) when features are declared, and the problems."""
         label_keys = list(self.labels)
         for sec in self.counts.values():
             label_keys += [k for k in sec.get("labels", {}) if k not in label_keys]
@@ -73,6 +80,7 @@ class CheckReport:
 
         lines = [f"datalist: {self.datalist} (dataset_dir {self.dataset_dir})", fmt(cols)]
         lines += [fmt(r) for r in table]
+        lines += self._format_features()
         lines.append(f"images loaded: {self.images_loaded}")
         if self.ok:
             lines.append("OK: no problems found")
@@ -80,6 +88,23 @@ class CheckReport:
             lines.append(f"{len(self.problems)} problem(s):")
             lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
+
+    def _format_features(self) -> list[str]:
+        """The features x sections table of missing shares (percent), empty without declared features."""
+        if not self.features:
+            return []
+        sections = [s for s, sec in self.counts.items() if "features_missing" in sec]
+        cols = ["feature (missing %)", *sections]
+        table = []
+        for name, decl in self.features.items():
+            kind = decl.get("type", "?") + (f", {decl['unit']}" if decl.get("unit") else "")
+            shares = [self.counts[s]["features_missing"].get(name) for s in sections]
+            table.append([f"{name} ({kind})", *("-" if v is None else f"{100 * v:.0f}%" for v in shares)])
+        widths = [max(len(r[i]) for r in [cols, *table]) for i in range(len(cols))]
+        return [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in [cols, *table]
+        ]
 
 
 def check_datalist(
@@ -95,7 +120,11 @@ def check_datalist(
     and (with ``load_images``) loads through :func:`~volcnn.io.volume.load_volume` (each image once however many
     entries use it); labels are integers among the declared keys; centres are three finite numbers lying
     inside their volume (world RAS mm -> voxel through the affine, within the array's extent); no patient
-    (or, without ``patient``, no image) appears in two sections.
+    (or, without ``patient``, no image) appears in two sections. With a top-level ``features`` declaration
+    (:mod:`volcnn.io.features`): each declared feature is well formed; each entry's ``features`` names only
+    declared features with values of their type (no string for a numeric, no NaN, no undeclared category, no value
+    outside a declared range); no declared feature is missing (absent or null) in every entry of a section. Without
+    a declaration, an entry carrying ``features`` is a problem.
 
     Args:
         datalist_json: the datalist.
@@ -122,6 +151,10 @@ def check_datalist(
     present = [s for s in SECTIONS if s in data]
     if not present:
         problems.append(f"{path}: none of the sections {list(SECTIONS)}")
+    declared = data.get("features") is not None
+    spec, ignored = _feature_spec(data.get("features"), f"{path}: features", problems) if declared else (None, set())
+    if spec is not None:
+        report.features = spec.to_json()
 
     # per image: the entries using it, with their centres to check once the volume is loaded
     uses: dict[Path, list[tuple[str, int, list[float] | None]]] = {}
@@ -149,6 +182,7 @@ def check_datalist(
                 elif report.labels and str(lab) not in report.labels:
                     problems.append(f"{where}: label {lab} is not among the declared labels {sorted(report.labels)}")
             center = _entry_center(item, where, problems)
+            _check_entry_features(item, where, spec, ignored, declared, problems)
             img = Path(item["image"]).expanduser()
             resolved = img if img.is_absolute() else base / img
             uses.setdefault(resolved, []).append((section, i, center))
@@ -179,9 +213,81 @@ def check_datalist(
 
     for section, entries in valid_entries.items():
         report.counts[section] = count_labels(entries, report.labels)
+        if spec is not None:
+            report.counts[section]["features_missing"] = _missing_shares(entries, spec)
+            for name, share in report.counts[section]["features_missing"].items():
+                if share == 1.0:
+                    problems.append(
+                        f"{section}: feature {name!r} is missing (absent or null) in every entry of the section "
+                        f"({len(entries)}): nothing to learn it from or evaluate it on"
+                    )
     report.counts["total"] = count_labels([e for es in valid_entries.values() for e in es], report.labels)
+    if spec is not None:
+        report.counts["total"]["features_missing"] = _missing_shares(
+            [e for es in valid_entries.values() for e in es], spec
+        )
     logger.info("checked %s: %d problem(s)", path, len(problems))
     return report
+
+
+def _feature_spec(decl: Any, where: str, problems: list[str]) -> tuple[FeatureSpec | None, set[str]]:
+    """The declared features that parse, and the names whose declaration does not (one problem each).
+
+    Values of the ignored names are not checked (their declaration is the problem); the spec is None when nothing
+    parses.
+    """
+    try:
+        return parse_feature_spec(decl, where), set()
+    except FeatureError as e:
+        if not isinstance(decl, Mapping) or not decl:
+            problems.append(str(e))
+            return None, set()
+    good: dict[Any, Any] = {}
+    for name, body in decl.items():
+        try:
+            parse_feature_spec({name: body}, where)
+        except FeatureError as e:
+            problems.append(str(e))
+            continue
+        good[name] = body
+    bad = {str(n) for n in decl if n not in good}
+    return (parse_feature_spec(good, where) if good else None), bad
+
+
+def _check_entry_features(
+    item: dict[str, Any],
+    where: str,
+    spec: FeatureSpec | None,
+    ignored: set[str],
+    declared: bool,
+    problems: list[str],
+) -> None:
+    """Problems of one entry's ``features`` (one line each, naming the entry and the feature)."""
+    values = item.get("features")
+    if values is None:
+        return
+    if not declared:
+        if not (isinstance(values, Mapping) and not values):
+            problems.append(f"{where}: has 'features' but the datalist declares none (add a top-level 'features')")
+        return
+    if spec is None:
+        return  # the declaration is the problem, already listed
+    if isinstance(values, Mapping) and ignored:
+        values = {k: v for k, v in values.items() if k not in ignored}
+    problems.extend(spec.check(values, where))
+
+
+def _missing_shares(entries: list[dict[str, Any]], spec: FeatureSpec) -> dict[str, float]:
+    """Per declared feature, the share of ``entries`` without a value (absent or null; all when malformed); empty
+    for no entries."""
+    if not entries:
+        return {}
+    missing = dict.fromkeys(spec.names, 0)
+    for e in entries:
+        values = e.get("features")
+        for name in spec.missing(values if isinstance(values, Mapping) else None):
+            missing[name] += 1
+    return {name: n / len(entries) for name, n in missing.items()}
 
 
 def _entry_center(item: dict[str, Any], where: str, problems: list[str]) -> list[float] | None:

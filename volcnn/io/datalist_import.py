@@ -8,11 +8,15 @@ how to report.
 
 LUNA16 CSVs give world coordinates in LPS millimetres (the DICOM / ITK convention); datalists use RAS (the
 NIfTI convention), so ``x`` and ``y`` change sign on import.
+
+The plain-CSV importer also takes extra columns as clinical features (:mod:`volcnn.io.features`): they become
+each entry's ``features`` and the datalist's top-level declaration, their types given or inferred from the cells.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,8 +36,9 @@ from volcnn.io.datalist_split import (
     relative_path,
     write_split_datalist,
 )
+from volcnn.io.features import FEATURE_TYPES, FeatureDecl, _csv_value, parse_feature_spec
 
-__all__ = ["from_luna16", "from_csv"]
+__all__ = ["from_luna16", "from_csv", "parse_feature_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +256,84 @@ def _label_names(labels: Mapping[Any, str] | Sequence[str] | None, present: Iter
     return {str(i): str(v) for i, v in enumerate(labels)}
 
 
+#: CSV columns with a meaning of their own in :func:`from_csv`, never clinical features
+_RESERVED_COLUMNS = ("image", "label", "patient", "center_x", "center_y", "center_z")
+
+
+def parse_feature_columns(features: str | Sequence[str]) -> dict[str, str | None]:
+    """The feature columns asked for, ``{column: type}`` in the order given (type None: inferred from the cells).
+
+    Args:
+        features: ``"age,sex:categorical,smoker:binary"`` or the same items as a sequence; each item is a column
+            name, optionally ``:numeric``, ``:binary`` or ``:categorical``.
+
+    Raises:
+        ValueError: an empty name, an unknown type, a column named twice, or one of the columns :func:`from_csv`
+            reads for itself (``image``, ``label``, ``patient``, ``center_*``).
+    """
+    items = features.split(",") if isinstance(features, str) else list(features)
+    out: dict[str, str | None] = {}
+    for item in items:
+        col, sep, kind = (part.strip() for part in str(item).partition(":"))
+        if not col:
+            raise ValueError(f"feature columns are 'name' or 'name:type', got {item!r} in {features!r}")
+        if sep and kind not in FEATURE_TYPES:
+            raise ValueError(f"feature {col!r}: type must be one of {list(FEATURE_TYPES)}, got {kind!r}")
+        if col in out:
+            raise ValueError(f"feature column {col!r} is named twice")
+        if col in _RESERVED_COLUMNS:
+            raise ValueError(f"column {col!r} is read as the entry's {col}, it cannot also be a feature")
+        out[col] = kind if sep else None
+    if not out:
+        raise ValueError("no feature column given")
+    return out
+
+
+def _is_nan_cell(name: str, text: str) -> bool:
+    """Whether a CSV cell spells NaN (as :mod:`volcnn.io.features` reads cells)."""
+    try:
+        value = _csv_value(FeatureDecl(name=name, type="numeric"), text)
+    except ValueError:
+        return False
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _parses_as(decl: FeatureDecl, cells: Sequence[str]) -> bool:
+    try:
+        for c in cells:
+            _csv_value(decl, c)
+    except ValueError:
+        return False
+    return True
+
+
+def _feature_decl(name: str, kind: str | None, cells: Sequence[str], where: str) -> FeatureDecl:
+    """The declaration of feature column ``name`` from its cells (empty: missing); ``kind`` None infers it.
+
+    Inference: only 0/1/true/false/yes/no -> binary; else all numbers -> numeric; else categorical with the sorted
+    distinct cells as its values (2+ needed).
+
+    Raises:
+        DatalistError: naming ``where`` and the column, when the type cannot be inferred or a categorical has fewer
+            than two values.
+    """
+    present = [c for c in cells if c]
+    if kind is None:
+        if not present:
+            raise DatalistError(
+                f"{where}: feature column {name!r} is empty in every row: its type cannot be inferred "
+                f"(give it as {name}:numeric or {name}:binary)"
+            )
+        kind = next((k for k in ("binary", "numeric") if _parses_as(FeatureDecl(name=name, type=k), present)), None)
+        kind = kind or "categorical"
+    if kind != "categorical":
+        return FeatureDecl(name=name, type=kind)
+    values = sorted(set(present))
+    if len(values) < 2:
+        raise DatalistError(f"{where}: feature column {name!r}: a categorical needs 2+ distinct values, got {values}")
+    return FeatureDecl(name=name, type=kind, values=tuple(values))
+
+
 def from_csv(
     csv_path: str | os.PathLike[str],
     out_json: str | os.PathLike[str],
@@ -262,6 +345,7 @@ def from_csv(
     labels: Mapping[Any, str] | Sequence[str] | None = None,
     skip_missing: bool = False,
     name: str | None = None,
+    features: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Build a datalist from a CSV with columns ``image,label[,patient][,center_x,center_y,center_z]``.
 
@@ -269,6 +353,13 @@ def from_csv(
     folder) or absolute; it is written relative to ``dataset_dir`` when inside it. ``patient`` defaults to the
     image path. The centre columns (RAS mm) come all three or not at all; a row with all three empty is in
     volume mode.
+
+    With ``features``, the named extra columns become each entry's ``features`` (an empty cell is missing:
+    ``null``) and the datalist's top-level ``features`` declaration. A column's type is the one given
+    (``name:numeric|binary|categorical``) or inferred from its non-empty cells: only 0/1/true/false/yes/no ->
+    ``binary`` (written 0/1); else all numbers -> ``numeric``; else ``categorical`` with the sorted distinct cells
+    as its values. Inference sees only the rows written (not those dropped by ``skip_missing``); a 0/1 count
+    needs ``:numeric``.
 
     Args:
         csv_path: the CSV.
@@ -281,20 +372,29 @@ def from_csv(
             label is not among them is an error. Default: each label present, named by its number.
         skip_missing: drop rows whose image does not exist (listed in ``problems``) instead of raising.
         name: the datalist's ``name`` (default: the CSV's stem).
+        features: the feature columns, ``"age,sex:categorical"`` or ``["age", "sex:categorical"]`` (see
+            :func:`parse_feature_columns`).
 
     Returns:
         Summary: ``out_json``, ``dataset_dir``, ``rows``, ``entries``, ``splits`` (per split: entries, patients,
-        images, per-label counts), ``skipped_rows`` and ``problems``.
+        images, per-label counts), ``skipped_rows`` and ``problems``; with ``features``, also ``features`` (the
+        declaration written).
 
     Raises:
-        DatalistError: unreadable CSV, missing columns, bad rows (non-integer or unknown label, empty image, bad
-            or partial centre; all listed with line numbers), missing images unless ``skip_missing``.
-        ValueError: bad fractions or label keys.
+        DatalistError: unreadable CSV, missing columns (feature columns included), bad rows (non-integer or unknown
+            label, empty image, bad or partial centre, a NaN or a value not of its feature's type; all listed with
+            line numbers and features), missing images unless ``skip_missing``, a feature column whose type cannot
+            be inferred or a categorical with one value.
+        ValueError: bad fractions, label keys or feature columns.
     """
     check_fractions(val_fraction, test_fraction)
     path = Path(csv_path)
     base = Path(dataset_dir) if dataset_dir is not None else path.parent
+    feature_types = parse_feature_columns(features) if features is not None else {}
     header, rows = read_csv_rows(path, ["image", "label"])
+    absent = [c for c in feature_types if c not in header]
+    if absent:
+        raise DatalistError(f"{path}: feature column(s) {absent} not in the CSV; header is {header}")
     center_cols = ("center_x", "center_y", "center_z")
     present_centre_cols = [c for c in center_cols if c in header]
     if present_centre_cols and len(present_centre_cols) != 3:
@@ -303,6 +403,7 @@ def from_csv(
     errors: list[str] = []
     problems: list[str] = []
     entries: list[dict[str, Any]] = []
+    feature_cells: list[tuple[int, dict[str, str]]] = []  # per entry: its line and its feature cells
     n_rows = 0
     for line, row in rows:
         n_rows += 1
@@ -320,6 +421,14 @@ def from_csv(
                     if not all(values):
                         raise ValueError(f"partial centre {values}; give all of {list(center_cols)} or none")
                     entry["center"] = [parse_float(v, c) for v, c in zip(values, center_cols, strict=True)]
+            cells = {col: row.get(col, "") for col in feature_types}
+            nan = [
+                f"feature {col!r}: {v!r} is not a value (leave the cell empty for a missing value)"
+                for col, v in cells.items()
+                if _is_nan_cell(col, v)
+            ]
+            if nan:
+                raise ValueError("; ".join(nan))
         except ValueError as e:
             errors.append(f"line {line}: {e}")
             continue
@@ -331,6 +440,7 @@ def from_csv(
         entry["image"] = relative_path(resolved, base) if img.is_absolute() else img.as_posix()
         entry["patient"] = row.get("patient") or entry["image"]
         entries.append(entry)
+        feature_cells.append((line, cells))
     raise_row_errors(path, errors)
     if problems and not skip_missing:
         listed = "\n  ".join(problems[:MAX_LISTED])
@@ -340,6 +450,7 @@ def from_csv(
         logger.warning("skipped: %s", p)
     if not entries:
         raise DatalistError(f"{path}: no entry to write (rows: {n_rows}, problems: {len(problems)})")
+    declaration = _attach_csv_features(path, entries, feature_cells, feature_types) if feature_types else None
     label_names = declared if declared is not None else _label_names(None, (e["label"] for e in entries))
     splits = write_split_datalist(
         out_json,
@@ -350,8 +461,9 @@ def from_csv(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
+        features=declaration,
     )
-    return {
+    summary = {
         "out_json": str(out_json),
         "dataset_dir": str(base),
         "rows": n_rows,
@@ -360,6 +472,45 @@ def from_csv(
         "skipped_rows": n_rows - len(entries),
         "problems": problems,
     }
+    if declaration is not None:
+        summary["features"] = declaration
+    return summary
+
+
+def _attach_csv_features(
+    path: Path,
+    entries: list[dict[str, Any]],
+    feature_cells: list[tuple[int, dict[str, str]]],
+    feature_types: Mapping[str, str | None],
+) -> dict[str, Any]:
+    """Declare the feature columns (types given or inferred) and set each entry's ``features``; the declaration.
+
+    Raises:
+        DatalistError: a column whose type cannot be inferred or a categorical with one value (all columns listed);
+            a cell that is not a value of its feature's type (all listed with line and feature).
+    """
+    decls, problems = [], []
+    for col, kind in feature_types.items():
+        try:
+            decls.append(_feature_decl(col, kind, [cells[col] for _, cells in feature_cells], str(path)))
+        except DatalistError as e:
+            problems.append(str(e))
+    if problems:
+        raise DatalistError("\n".join(problems))
+    spec = parse_feature_spec({d.name: d.to_json() for d in decls}, f"{path}: features")
+    errors: list[str] = []
+    for entry, (line, cells) in zip(entries, feature_cells, strict=True):
+        values: dict[str, Any] = {}
+        for d in spec.decls:
+            try:
+                values[d.name] = _csv_value(d, cells[d.name])
+            except ValueError as e:
+                errors.append(f"line {line}: feature {d.name!r}: {e}")
+                values[d.name] = None
+        errors += spec.check(values, f"line {line}")
+        entry["features"] = values
+    raise_row_errors(path, errors)
+    return spec.to_json()
 
 
 # --------------------------------------------------------------------------------------------- checking

@@ -115,13 +115,20 @@ def write_split_datalist(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    features: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Split ``entries`` by patient, write the datalist atomically, return per-split counts."""
+    """Split ``entries`` by patient, write the datalist atomically, return per-split counts.
+
+    ``features``, when given, is written as the top-level clinical features declaration (the entries carry their
+    own ``features`` values).
+    """
     strata: dict[str, int] = {}
     for e in entries:
         strata[e["patient"]] = max(strata.get(e["patient"], 0), int(e["label"]))
     assignment = split_patients(strata, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     body: dict[str, Any] = {"name": name, "description": description, "labels": dict(labels)}
+    if features is not None:
+        body["features"] = dict(features)
     for section in SECTIONS:
         body[section] = [e for e in entries if assignment[e["patient"]] == section]
     atomic_write_json(out_json, body)
@@ -161,6 +168,12 @@ def read_csv_rows(path: Path, required: Sequence[str]) -> tuple[list[str], list[
             for row in reader:
                 if not any((v or "").strip() for k, v in row.items() if k is not None):
                     continue  # blank line
+                extra = [v for v in row.get(None) or [] if v.strip()]  # type: ignore[call-overload]
+                if extra:
+                    raise DatalistError(
+                        f"{path}: line {reader.line_num}: {len(extra)} more cell(s) than the header's "
+                        f"{len(header)} columns ({extra[:3]}): the columns would be misread"
+                    )
                 rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatalistError(f"{path}: cannot read CSV ({e})") from e
