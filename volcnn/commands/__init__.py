@@ -11,6 +11,7 @@ maps them to exit codes in one place.
 from __future__ import annotations
 
 from volcnn.commands import (
+    compare,
     crossval,
     datalist,
     evaluate_findings,
@@ -37,6 +38,7 @@ COMMANDS = (
     mine,
     infer,
     evaluate_findings,
+    compare,
     package,
     export,
     verify_bundle,

@@ -1,6 +1,7 @@
 """Evaluation, in one place: classification metrics (ROC/AUC, thresholds, bootstrap intervals, calibration), the
-detection metrics of whole-CT findings (FROC / CPM against annotations), and the reports that show them (plots,
-a predictions CSV, a self-contained HTML report).
+detection metrics of whole-CT findings (FROC / CPM against annotations), the reports that show them (plots,
+a predictions CSV, a self-contained HTML report), and the side-by-side comparison of runs on the same samples
+(paired bootstrap of AUC differences, :mod:`volcnn.evaluation.compare`).
 
 Metrics take tensors (any device), NumPy arrays or sequences: ``scores``/``probs`` are ``(N,)`` (binary) or
 ``(N, K)`` class probabilities, ``labels`` ``(N,)`` integer class indices; results are Python numbers, CPU tensors
@@ -25,6 +26,7 @@ from volcnn.evaluation.classification import (
     threshold_for_sensitivity,
     youden_threshold,
 )
+from volcnn.evaluation.compare import compare_runs, plot_roc_comparison, read_predictions, write_comparison
 from volcnn.evaluation.findings import evaluate_findings, format_table, read_annotations, read_findings
 from volcnn.evaluation.froc import LUNA16_FP_RATES, froc, sensitivity_at
 from volcnn.evaluation.froc_plot import plot_froc
@@ -41,6 +43,7 @@ __all__ = [
     "binary_metrics",
     "bootstrap_ci",
     "classification_report",
+    "compare_runs",
     "confusion_matrix",
     "evaluate_findings",
     "expected_calibration_error",
@@ -53,8 +56,10 @@ __all__ = [
     "plot_confusion",
     "plot_froc",
     "plot_roc",
+    "plot_roc_comparison",
     "read_annotations",
     "read_findings",
+    "read_predictions",
     "reliability_bins",
     "render_patch_grid",
     "roc_auc",
@@ -64,6 +69,7 @@ __all__ = [
     "sensitivity_at",
     "threshold_for_sensitivity",
     "write_classification_report",
+    "write_comparison",
     "write_predictions_csv",
     "write_report_html",
     "youden_threshold",
