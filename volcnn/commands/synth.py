@@ -21,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients in test")
     p.add_argument("--negatives", type=int, default=None, help="negative candidates per case (default: by size)")
     p.add_argument("--junctions", type=int, default=0, help="more negative candidates per case at vessel branch points")
+    p.add_argument(
+        "--clinical",
+        action="store_true",
+        help="give patients clinical features (datalist_malignancy.json, clinical.csv) and draw nodule malignancy "
+        "from a risk model over them and the nodules' visible traits; images unchanged",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -39,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             negatives=args.negatives,
             junctions=args.junctions,
+            clinical=args.clinical,
         )
     except ValueError as e:  # an invalid setting
         raise UsageError(str(e)) from e

@@ -22,6 +22,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from volcnn.core.atomic import atomic_write_bytes
+from volcnn.data.clinical import FEATURES, RISK_MODEL, ClinicalCase, assign_clinical, clinical_rng, oracle_aucs
 from volcnn.data.dicom_series import nifti_gz_bytes, write_dicom_series
 from volcnn.data.nodules import Nodule, place_nodules, sample_candidates, sample_nodule
 from volcnn.data.phantom import SIZES, CaseGeometry, SizeSpec, build_phantom, chunk_slices
@@ -210,6 +211,7 @@ def synthesize_cohort(
     progress: bool = False,
     negatives: int | None = None,
     junctions: int = 0,
+    clinical: bool = False,
 ) -> dict[str, Any]:
     """Generate a synthetic chest-CT cohort with nodules, LUNA16 CSVs and MONAI datalists.
 
@@ -233,6 +235,12 @@ def synthesize_cohort(
         junctions: further negative candidates per case at vessel branch points (``kind`` "junction" in
             ``candidates.csv``), the structures a whole-CT heat map most often mistakes for nodules; the images
             are the same whatever the number.
+        clinical: give each patient clinical features (age, sex, pack-years, family history, emphysema, CEA; about
+            5% of the values missing, see :mod:`volcnn.data.clinical`) and draw each nodule's malignancy label from a
+            risk model over them and the nodule's visible traits. ``datalist_malignancy.json`` then declares and
+            carries the features, ``clinical.csv`` holds them per case, ``nodules.csv`` adds the risk and the class
+            the nodule was drawn as (``appearance_malignant``) and ``cohort.json`` the model and its oracle AUCs.
+            The images are the same with or without it (its draws come from a generator of their own).
 
     Returns:
         The summary (JSON-able): ``out_dir``, ``cases``, ``seed``, ``size``, per-split counts of cases,
@@ -273,9 +281,13 @@ def synthesize_cohort(
             )
         spacing = [float(v) for v in np.linalg.norm(case.affine[:3, :3], axis=0)]
         orient = "".join(case.geometry.orientation)
-        records.append(
-            _Record(case_id, patient, case.nodules, case.candidates, orient, list(case.image.shape), spacing)
-        )
+        rec = _Record(case_id, patient, case.nodules, case.candidates, orient, list(case.image.shape), spacing)
+        if clinical:  # relabel the nodules by the risk model; the class they were drawn as is their appearance
+            rec.clinical = assign_clinical(clinical_rng(seed, i), case.nodules)
+            rec.appearance = [n.malignant for n in case.nodules]
+            labels = rec.clinical.labels
+            rec.nodules = [dataclasses.replace(n, malignant=bool(y)) for n, y in zip(case.nodules, labels, strict=True)]
+        records.append(rec)
         logger.info("%s: %s %s, %d nodules", case_id, orient, case.image.shape, len(case.nodules))
         del case
     strata = [2 if any(n.malignant for n in r.nodules) else int(bool(r.nodules)) for r in records]
@@ -292,13 +304,15 @@ def synthesize_cohort(
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "splits": {s: _counts([r for r in records if r.split == s]) for s in SPLITS},
-        "files": _write_tables(out, records, f"volcnn synthetic chest CT (seed {seed}, size {size})", dicom),
+        "files": _write_tables(out, records, f"volcnn synthetic chest CT (seed {seed}, size {size})", dicom, clinical),
         "case_list": [
             {"case": r.case_id, "patient": r.patient, "split": r.split, "orientation": r.orientation}
             | {"shape": r.shape, "spacing": r.spacing, "nodules": len(r.nodules)}
             for r in records
         ],
     }
+    if clinical:
+        summary["clinical"] = _clinical_summary(records)
     summary["files"]["cohort"] = "cohort.json"
     atomic_write_bytes(out / "cohort.json", _json(summary))
     logger.info("synthetic cohort: %d cases in %s", cases, out)
@@ -317,6 +331,8 @@ class _Record:
     shape: list[int]
     spacing: list[float]
     split: str = ""
+    clinical: ClinicalCase | None = None  # with ``clinical``: features, risks; ``nodules`` carry the final labels
+    appearance: list[bool] = dataclasses.field(default_factory=list)  # with ``clinical``: the class drawn as
 
     @property
     def image(self) -> str:
@@ -342,7 +358,37 @@ def _counts(records: list[_Record]) -> dict[str, Any]:
     }
 
 
-def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool) -> dict[str, Any]:
+def _clinical_summary(records: list[_Record]) -> dict[str, Any]:
+    """What ``cohort.json`` says of the clinical features: declaration, risk model, missing shares, oracle AUCs."""
+    cases = [r for r in records if r.clinical is not None]
+    per_split: dict[str, Any] = {}
+    for split in ("all", *SPLITS):
+        drawn = [(r.clinical, len(r.nodules)) for r in cases if split in ("all", r.split) and r.clinical]
+        clin = [c.clinical_logit for c, n in drawn for _ in range(n)]
+        img = [v for c, _ in drawn for v in c.image_logits]
+        y = [v for c, _ in drawn for v in c.labels]
+        per_split[split] = {"nodules": len(y), "malignant": sum(y)} | oracle_aucs(clin, img, y)
+    patients = [r.clinical.features for r in cases if r.clinical]
+    return {
+        "features": FEATURES,
+        "missing": {k: sum(p[k] is None for p in patients) for k in FEATURES},
+        "risk_model": RISK_MODEL.to_json(),
+        "oracle_auc": per_split,
+        "oracle_auc_note": "ROC AUC of the true partial logits (image, clinical) and of their sum, per split",
+    }
+
+
+def _write_clinical_csv(out: Path, records: list[_Record]) -> None:
+    """``clinical.csv``: one row per case, a column per feature, empty where missing, binaries 0/1."""
+
+    def cell(v: Any) -> str:
+        return "" if v is None else str(int(v)) if isinstance(v, bool) else str(v)
+
+    rows = [[r.case_id, *(cell(r.clinical.features[k]) for k in FEATURES)] for r in records if r.clinical]
+    atomic_write_bytes(out / "clinical.csv", _csv(["case", *FEATURES], rows))
+
+
+def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool, clinical: bool = False) -> dict[str, Any]:
     """Write the CSVs and the datalists; return the written paths relative to ``out``."""
     ann = [
         [r.case_id, _f(-n.center[0]), _f(-n.center[1]), _f(n.center[2]), _f(n.diameter_mm)]
@@ -360,16 +406,22 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool) -> 
             n.texture,
             int(n.malignant),
             int(n.calcified),
+            *([] if r.clinical is None else [int(r.appearance[k]), f"{r.clinical.risks[k]:.4f}"]),
         ]
         for r in records
-        for n in r.nodules
+        for k, n in enumerate(r.nodules)
     ]
     atomic_write_bytes(out / "annotations.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann))
     atomic_write_bytes(out / "candidates.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "class"], cand))
     header = ["case", "patient", "split", "x_ras", "y_ras", "z_ras", "diameter_mm", "texture", "malignant", "calcified"]
+    if clinical:
+        header += ["appearance_malignant", "risk"]
     atomic_write_bytes(out / "nodules.csv", _csv(header, nods))
     files: dict[str, Any] = {"images": [r.image for r in records]}
     files |= {"annotations": "annotations.csv", "candidates": "candidates.csv", "nodules": "nodules.csv"}
+    if clinical:
+        _write_clinical_csv(out, records)
+        files["clinical"] = "clinical.csv"
     nodule_labels = {"0": "non-nodule", "1": "nodule"}
 
     def candidates(r: _Record) -> list[dict[str, Any]]:
@@ -378,14 +430,16 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool) -> 
     def dicom_candidates(r: _Record) -> list[dict[str, Any]]:
         return [e | {"image": f"dicom/{r.case_id}"} for e in candidates(r)]
 
+    def malignancy(r: _Record) -> list[dict[str, Any]]:
+        extra = {} if r.clinical is None else {"features": r.clinical.features}
+        return [r.entry(int(n.malignant), n.center) | extra for n in r.nodules]
+
+    what_malignancy = "nodules: benign vs malignant"
+    if clinical:
+        what_malignancy += " (drawn from a risk model over the clinical features and the nodule's visible traits)"
     specs = [
         ("datalist", nodule_labels, "candidates: nodule vs non-nodule", candidates),
-        (
-            "datalist_malignancy",
-            {"0": "benign", "1": "malignant"},
-            "nodules: benign vs malignant",
-            lambda r: [r.entry(int(n.malignant), n.center) for n in r.nodules],
-        ),
+        ("datalist_malignancy", {"0": "benign", "1": "malignant"}, what_malignancy, malignancy),
         (
             "datalist_volume",
             {"0": "no nodule", "1": "nodule"},
@@ -399,6 +453,8 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool) -> 
     for name, labels, what, make in specs:
         body: dict[str, Any] = {"name": "volcnn-synthetic", "description": f"{desc}; {what}; centers in RAS mm"}
         body["labels"] = labels
+        if clinical and name == "datalist_malignancy":
+            body["features"] = FEATURES
         for split in SPLITS:
             body[split] = [e for r in records if r.split == split for e in make(r)]
         atomic_write_bytes(out / f"{name}.json", _json(body))
