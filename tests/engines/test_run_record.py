@@ -71,7 +71,8 @@ def test_record_content_and_normalisation(tmp_path, monkeypatch):
         "record_version": 1,
     }
     assert json.loads(json.dumps(record)) == record
-    assert model_settings(record) == {"intensity": "hu", **{k: record[k] for k in SETTINGS}}  # no paths, no provenance
+    defaults = {"intensity": "hu", "modality": "image", "fusion": "concat", "features": None}  # older records lack them
+    assert model_settings(record) == {**defaults, **{k: record[k] for k in SETTINGS}}  # no paths, no provenance
     assert build_record({**SETTINGS, "datalist": str(_datalist(tmp_path, VOLUMES))})["labels"] is None
     with pytest.raises(RunRecordError, match="clash"):
         build_record({**SETTINGS, "datalist": str(datalist), "mode": "volume"})

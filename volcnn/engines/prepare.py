@@ -32,6 +32,9 @@ class AugmentOnDevice(PrepareBatch):
             augmentation (then this is MONAI's default ``prepare_batch`` minus the metadata).
         image_key, label_key: keys of ``batchdata``.
         channels_last: return the image in ``torch.channels_last_3d`` memory format (for networks trained that way).
+        features_key: a key of ``batchdata`` holding raw clinical features ``(B, F_raw)`` (NaN = missing); when set
+            the batch is ``(image, label, (), {"features": ...})`` so the engine calls ``network(image,
+            features=...)`` (multimodal networks, :mod:`volcnn.networks.fusion`).
 
     A MetaTensor image or label is reduced to its plain tensor before the move: the batch's affine and metadata
     are not used by training, the augmentation changes the geometry anyway, and every op on a MetaTensor pays for
@@ -44,11 +47,13 @@ class AugmentOnDevice(PrepareBatch):
         image_key: str = "image",
         label_key: str = "label",
         channels_last: bool = False,
+        features_key: str | None = None,
     ) -> None:
         self.augment = augment
         self.image_key = image_key
         self.label_key = label_key
         self.channels_last = bool(channels_last)
+        self.features_key = features_key
 
     def __call__(
         self,
@@ -56,8 +61,9 @@ class AugmentOnDevice(PrepareBatch):
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``image`` ``(B, C, *patch_size)`` and ``label`` (``(B,)`` class indices, or None) on ``device``."""
+    ) -> tuple[Any, ...]:
+        """Returns ``image`` ``(B, C, *patch_size)`` and ``label`` (``(B,)`` class indices, or None) on ``device``;
+        with ``features_key``, also ``()`` and ``{"features": (B, F_raw) float32}``."""
         image = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
         label = batchdata.get(self.label_key)
         if isinstance(label, torch.Tensor):
@@ -69,6 +75,11 @@ class AugmentOnDevice(PrepareBatch):
                 image = self.augment(image)
         if self.channels_last and image.ndim == 5:
             image = image.contiguous(memory_format=torch.channels_last_3d)
+        if self.features_key is not None:
+            if self.features_key not in batchdata:
+                raise KeyError(f"the batch has no {self.features_key!r}: does the datalist declare clinical features?")
+            feats = torch.as_tensor(_plain(batchdata[self.features_key])).float()
+            return image, label, (), {"features": feats.to(device=device, non_blocking=non_blocking)}
         return image, label
 
 

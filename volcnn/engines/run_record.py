@@ -70,7 +70,7 @@ LOCAL_KEYS = ("datalist", "dataset_dir")
 #: keys a resumed run may change (where the data lies, the code and bundle that run it); every other key must not
 RESUMABLE_KEYS = (*LOCAL_KEYS, "bundle", "volcnn_version", "record_version")
 #: settings added after runs were first recorded: a record without one was trained with this value
-SETTING_DEFAULTS: dict[str, Any] = {"intensity": "hu"}
+SETTING_DEFAULTS: dict[str, Any] = {"intensity": "hu", "modality": "image", "fusion": "concat", "features": None}
 #: settings normalised to one JSON form, so that ``[2, 2, 2]`` given as a tuple or a list records the same
 _PATHS = {"datalist", "dataset_dir"}
 _BOOLS = {"channels_last"}

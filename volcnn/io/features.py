@@ -423,12 +423,13 @@ def load_section(
     features: FeatureSpec | Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`volcnn.io.load_datalist`'s entries of ``section``, with ``features`` as the raw encoding ``(C,)`` when
-    ``features`` (the declaration) is given; without it, the entries as loaded."""
+    ``features`` (the declaration) is given; without it (an image model), the entries without their ``features``
+    (values an image model does not read, and that could not be batched)."""
     from volcnn.io.datalist import load_datalist
 
     entries = load_datalist(datalist, section, dataset_dir)
     if features is None:
-        return entries
+        return [{k: v for k, v in e.items() if k != "features"} for e in entries]
     return attach_features(entries, features, f"{datalist}: {section}")
 
 

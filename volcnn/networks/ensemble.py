@@ -10,6 +10,7 @@ one network whose probabilities are the members' average.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,8 +39,9 @@ class EnsembleClassifier(nn.Module):
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = torch.softmax(self.members[0](x).float(), dim=1)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Further arguments (a multimodal member's ``features``) go to every member."""
+        total = torch.softmax(self.members[0](x, *args, **kwargs).float(), dim=1)
         for member in self.members[1:]:
-            total = total + torch.softmax(member(x).float(), dim=1)
+            total = total + torch.softmax(member(x, *args, **kwargs).float(), dim=1)
         return torch.log((total / len(self.members)).clamp_min(_TINY))

@@ -1,0 +1,123 @@
+"""Clinical and fusion networks: the normaliser's imputation and statistics, both fusions over every family, features
+that matter, one case's features broadcast over a batch, ensembles, and statistics that travel in the state dict."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from volcnn.networks import ClinicalClassifier, FeatureNormalizer, FusionClassifier, create_multimodal_network
+from volcnn.networks.ensemble import EnsembleClassifier
+
+DECL = {
+    "age": {"type": "numeric"},
+    "sex": {"type": "categorical", "values": ["F", "M", "X"]},
+    "smoker": {"type": "binary"},
+}
+STATS = {"mean": [60.0, 0.4, 0.5, 0.1, 0.3], "std": [10.0, 1.0, 1.0, 1.0, 1.0]}
+NAN = math.nan
+
+
+def test_normalizer_imputes_standardises_and_flags_missing():
+    norm = FeatureNormalizer(DECL, STATS)
+    raw = torch.tensor([[70.0, 0.0, 1.0, 0.0, 1.0], [NAN, NAN, NAN, NAN, 0.0]])
+    out = norm(raw)
+    assert out.shape == (2, 5 + 3)
+    assert torch.allclose(out[0], torch.tensor([1.0, -0.4, 0.5, -0.1, 0.7, 0, 0, 0]))
+    # a missing value sits at its training mean (0 after centring) and raises its feature's indicator once
+    assert torch.allclose(out[1], torch.tensor([0.0, 0.0, 0.0, 0.0, -0.3, 1, 1, 0]))
+    assert not torch.isnan(out).any()
+
+
+def test_normalizer_refuses_bad_statistics_and_shapes():
+    with pytest.raises(ValueError, match="shapes"):
+        FeatureNormalizer(DECL, {"mean": [0.0] * 4, "std": [1.0] * 5})
+    with pytest.raises(ValueError, match="std > 0"):
+        FeatureNormalizer(DECL, {"mean": [0.0] * 5, "std": [1.0, 0.0, 1.0, 1.0, 1.0]})
+    with pytest.raises(ValueError, match=r"\(B, 5\)"):
+        FeatureNormalizer(DECL, STATS)(torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize(("network_def", "size"), [("seed_cnn3d", 16), ("valid_cnn3d", 32), ("resnet18", 16),
+                                                   ("densenet121", 32)])  # fmt: skip
+@pytest.mark.parametrize("fusion", ["concat", "film"])
+def test_fusion_over_every_family_uses_the_features(network_def, size, fusion):
+    torch.manual_seed(0)
+    net = create_multimodal_network(
+        "fusion", network_def, features=DECL, feature_stats=STATS, fusion=fusion, spatial_size=(size,) * 3
+    ).eval()
+    if fusion == "film":  # zero-initialised (identity) conditioning: give it weights to show it acts
+        torch.nn.init.normal_(net.film.weight, std=0.5)
+    x = torch.randn(2, 1, size, size, size)
+    a = torch.tensor([[40.0, 1, 0, 0, 0]] * 2)
+    b = torch.tensor([[80.0, 0, 1, 0, 1]] * 2)
+    with torch.no_grad():
+        out_a, out_b = net(x, features=a), net(x, features=b)
+    assert out_a.shape == (2, 2)
+    assert not torch.allclose(out_a, out_b)
+
+
+def test_film_starts_as_the_image_path():
+    """Zero-initialised FiLM: before training, the features do not move the output (training starts from the image
+    model's behaviour)."""
+    net = create_multimodal_network("fusion", "seed_cnn3d", features=DECL, fusion="film", spatial_size=(16, 16, 16))
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        a = net.eval()(x, features=torch.tensor([[40.0, 1, 0, 0, 0]] * 2))
+        b = net(x, features=torch.tensor([[NAN, NAN, NAN, NAN, 1]] * 2))
+    assert torch.equal(a, b)
+
+
+def test_one_case_features_broadcast_over_a_batch_of_windows():
+    torch.manual_seed(1)
+    net = FusionClassifier(
+        create_multimodal_network("image", "seed_cnn3d", spatial_size=(16, 16, 16)),
+        DECL, stats=STATS, spatial_size=(16, 16, 16),
+    ).eval()  # fmt: skip
+    x = torch.randn(3, 1, 16, 16, 16)
+    one = torch.tensor([[55.0, NAN, NAN, NAN, 1]])
+    with torch.no_grad():
+        assert torch.allclose(net(x, features=one), net(x, features=one.expand(3, -1)))
+    with pytest.raises(ValueError, match="features for 2 samples, images for 3"):
+        net(x, features=one.expand(2, -1))
+
+
+def test_clinical_classifier_reads_features_only():
+    torch.manual_seed(2)
+    net = ClinicalClassifier(DECL, 2, STATS).eval()
+    f = torch.tensor([[70.0, 0, 1, 0, 1], [50.0, 1, 0, 0, NAN]])
+    with torch.no_grad():
+        assert torch.equal(net(torch.zeros(2, 1, 8, 8, 8), features=f), net(torch.randn(2, 1, 4, 4, 4), features=f))
+
+
+def test_statistics_travel_in_the_state_dict():
+    torch.manual_seed(3)
+    trained = create_multimodal_network("fusion", "seed_cnn3d", features=DECL, feature_stats=STATS,
+                                        spatial_size=(16, 16, 16)).eval()  # fmt: skip
+    fresh = create_multimodal_network("fusion", "seed_cnn3d", features=DECL, spatial_size=(16, 16, 16)).eval()
+    assert "tabular.normalize.mean" in trained.state_dict()
+    fresh.load_state_dict(trained.state_dict())
+    x, f = torch.randn(2, 1, 16, 16, 16), torch.tensor([[70.0, NAN, NAN, NAN, 1]] * 2)
+    with torch.no_grad():
+        assert torch.equal(trained(x, features=f), fresh(x, features=f))
+
+
+def test_multimodal_ensemble_is_the_mean_of_its_members():
+    torch.manual_seed(4)
+    ens = create_multimodal_network("clinical", "seed_cnn3d", features=DECL, feature_stats=STATS, ensemble=3).eval()
+    assert isinstance(ens, EnsembleClassifier)
+    x, f = torch.zeros(2, 1, 8, 8, 8), torch.tensor([[70.0, 0, 1, 0, 1], [45.0, NAN, NAN, NAN, 0]])
+    with torch.no_grad():
+        mean = torch.stack([torch.softmax(m(x, features=f), 1) for m in ens.members]).mean(0)
+        assert torch.allclose(torch.softmax(ens(x, features=f), 1), mean, atol=1e-6)
+
+
+def test_modality_and_fusion_are_checked():
+    with pytest.raises(ValueError, match="modality must be one of"):
+        create_multimodal_network("tabular", "seed_cnn3d", features=DECL)
+    with pytest.raises(ValueError, match="declares none"):
+        create_multimodal_network("fusion", "seed_cnn3d", features=None)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        create_multimodal_network("fusion", "seed_cnn3d", features=DECL, fusion="sum", spatial_size=(16, 16, 16))

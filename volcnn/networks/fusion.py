@@ -1,0 +1,136 @@
+"""Image + clinical fusion over any registry network that splits into a convolutional trunk
+(:func:`~volcnn.networks.families.split_trunk_head`), and the factory for all three modalities.
+
+Two ways to join the branches (``fusion``):
+
+* ``concat`` (late fusion): the trunk's globally pooled features ``(B, C')`` and the tabular embedding ``(B, H)``
+  are concatenated and a linear layer gives the logits;
+* ``film`` (feature-map conditioning, as DAFT / FiLM): the tabular embedding predicts a per-channel scale and shift
+  of the trunk's last feature map, ``relu((1 + gamma) * f + beta)``, before pooling and the linear layer; the clinical
+  data then decide *which image features matter*, not only how much the sum moves. The conditioning starts as the
+  identity (zero-initialised), so training starts from the image model's behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from volcnn.io.features import FeatureSpec
+from volcnn.networks.families import split_trunk_head
+from volcnn.networks.introspect import detached_copy
+from volcnn.networks.registry import create_network
+from volcnn.networks.tabular import ClinicalClassifier, TabularBranch, broadcast_features
+
+__all__ = ["FUSIONS", "MODALITIES", "FusionClassifier", "create_multimodal_network"]
+
+MODALITIES = ("image", "clinical", "fusion")
+FUSIONS = ("concat", "film")
+
+
+def _channels(trunk: nn.Module, in_channels: int, size: Sequence[int]) -> int:
+    """Channels C' of ``trunk``'s output for a ``(1, in_channels, *size)`` input, from a shape-only run."""
+    with torch.no_grad():
+        out = detached_copy(trunk)(torch.empty(1, in_channels, *(int(s) for s in size), device="meta"))
+    return int(out.shape[1])
+
+
+class FusionClassifier(nn.Module):
+    """A 3D image trunk and a clinical MLP joined by ``fusion``.
+
+    Args:
+        image_net: a registry classifier; only its trunk is kept (its own head is dropped).
+        spec: the declared features.
+        num_classes: K.
+        stats: the normaliser's training statistics (None: set by ``load_state_dict``).
+        fusion: ``concat`` or ``film``.
+        hidden: width of the tabular embedding.
+        in_channels, spatial_size: the image input, to size the trunk's output.
+
+    Shapes:
+        ``forward(image, features)``: ``image`` ``(B, C, D, H, W)``, ``features`` raw ``(B, F_raw)`` or ``(1, F_raw)``
+        (NaN = missing) -> logits ``(B, K)``.
+    """
+
+    def __init__(
+        self,
+        image_net: nn.Module,
+        spec: FeatureSpec | Mapping[str, Any],
+        num_classes: int = 2,
+        stats: Mapping[str, Sequence[float]] | None = None,
+        fusion: str = "concat",
+        hidden: int = 32,
+        in_channels: int = 1,
+        spatial_size: Sequence[int] = (32, 32, 32),
+    ) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {fusion!r}")
+        self.fusion = fusion
+        self.trunk = split_trunk_head(image_net).trunk
+        channels = _channels(self.trunk, in_channels, spatial_size)
+        self.tabular = TabularBranch(spec, stats, hidden)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten())
+        if fusion == "film":
+            self.film = nn.Linear(hidden, 2 * channels)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+            self.head = nn.Linear(channels, num_classes)
+        else:
+            self.head = nn.Linear(channels + hidden, num_classes)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        emb = self.tabular(broadcast_features(features, image.shape[0]).to(image.device))
+        fmap = self.trunk(image)
+        if self.fusion == "film":
+            gamma, beta = self.film(emb).to(fmap.dtype)[:, :, None, None, None].chunk(2, dim=1)
+            return self.head(self.pool(torch.relu((1 + gamma) * fmap + beta)).float())
+        return self.head(torch.cat([self.pool(fmap).float(), emb.float()], dim=1))
+
+
+def create_multimodal_network(
+    modality: str,
+    network_def: str,
+    *,
+    features: FeatureSpec | Mapping[str, Any] | None = None,
+    feature_stats: Mapping[str, Sequence[float]] | None = None,
+    fusion: str = "concat",
+    in_channels: int = 1,
+    num_classes: int = 2,
+    spatial_size: Sequence[int] | None = None,
+    ensemble: int = 1,
+    hidden: int = 32,
+) -> nn.Module:
+    """The network of one modality: ``image`` (the registry network ``network_def``), ``clinical``
+    (:class:`~volcnn.networks.tabular.ClinicalClassifier`) or ``fusion`` (:class:`FusionClassifier`).
+
+    Clinical and fusion networks take ``(image, features)``; the image network takes ``image`` only.
+
+    Raises:
+        ValueError: unknown modality or fusion, or a clinical / fusion network without declared features.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {list(MODALITIES)}, got {modality!r}")
+    size = tuple(int(s) for s in (spatial_size or (32, 32, 32)))
+    if modality == "image":
+        return create_network(
+            network_def, in_channels=in_channels, num_classes=num_classes, spatial_size=size, ensemble=ensemble
+        )
+    if not features:
+        raise ValueError(f"modality {modality!r} needs the datalist's declared 'features'; it declares none")
+    if int(ensemble) > 1:
+        from volcnn.networks.ensemble import EnsembleClassifier
+
+        kw = {"features": features, "fusion": fusion, "in_channels": in_channels, "hidden": hidden}
+        members = [
+            create_multimodal_network(modality, network_def, num_classes=num_classes, spatial_size=size, **kw)
+            for _ in range(int(ensemble))
+        ]
+        return EnsembleClassifier(members)
+    if modality == "clinical":
+        return ClinicalClassifier(features, num_classes, feature_stats, hidden)
+    image_net = create_network(network_def, in_channels=in_channels, num_classes=num_classes, spatial_size=size)
+    return FusionClassifier(image_net, features, num_classes, feature_stats, fusion, hidden, in_channels, size)
