@@ -42,6 +42,12 @@ def _setting_text(settings: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items())
 
 
+def _raw_width(features: Any) -> int:
+    from volcnn.io.features import parse_feature_spec
+
+    return parse_feature_spec(features).n_columns
+
+
 def packaged_metadata(
     meta: Mapping[str, Any],
     settings: Mapping[str, Any],
@@ -71,7 +77,8 @@ def packaged_metadata(
         ``network_data_format``: input ``(C, *patch_size)`` (``is_patch_data`` in candidate mode), output
         ``num_classes`` channels named by :func:`class_names` (an input whose ``intensity`` is not ``hu`` has the
         ``format`` ``magnitude`` and an empty ``value_range``: no HU are assumed); ``label_classes`` /
-        ``pred_classes`` naming the classes when the datalist has label names.
+        ``pred_classes`` naming the classes when the datalist has label names; for a clinical or fusion model
+        (``settings["features"]``), ``modality`` and ``clinical_features`` (the declaration and the input layout).
     """
     out = json.loads(json.dumps(meta))  # a deep copy in JSON types
     num_classes = int(settings["num_classes"])
@@ -95,6 +102,15 @@ def packaged_metadata(
         out["pred_classes"] = f"{num_classes}-channel class probabilities per {unit}: " + ", ".join(
             f"channel {i} = {n}" for i, n in enumerate(names)
         )
+    features = settings.get("features")
+    if features:  # a clinical or fusion model: its second input, declared beside the image's format
+        out["modality"] = str(settings.get("modality", "fusion"))
+        out["clinical_features"] = {
+            "declaration": list(features),
+            "input": f"raw vector (B, {_raw_width(features)}) float32 in declaration order (one-hot categoricals), "
+            "NaN where missing; the network imputes and standardises with the training split's statistics",
+            "supplied_by": "volcnn infer --features CSV (a 'case' column and one column per feature)",
+        }
     source = f"{meta.get('name')} {meta.get('version')}"
     version = packaged_version(meta.get("version"), weights_sha256)
     datalist = f"; datalist sha256 {datalist_sha256[:12]}" if datalist_sha256 else ""

@@ -165,6 +165,41 @@ def _io_spec(meta_file: Path) -> tuple[int, tuple[int, ...], int]:
     return int(image["num_channels"]), tuple(int(s) for s in image["spatial_shape"]), int(pred["num_channels"])
 
 
+class _NotApplicable(Exception):
+    """A check that does not apply to this bundle (reported as skipped, with the reason)."""
+
+
+def _features_of(config: Path) -> Any:
+    """The config's declared clinical features (a list or object), or None (an image network)."""
+    try:
+        features = json.loads(config.read_text(encoding="utf-8")).get("features")
+    except (OSError, ValueError):
+        return None
+    return features if isinstance(features, list | dict) and features else None
+
+
+def _check_multimodal_io(root: Path, config: Path, meta: Path, net_id: str, device: str) -> str:
+    """``network(image, features)`` of a clinical or fusion bundle on ``(1, C, *spatial)`` and all-missing features
+    ``(1, F_raw)`` gives ``(1, K)`` as in the metadata."""
+    from volcnn.io.features import parse_feature_spec
+
+    in_ch, spatial, out_ch = _io_spec(meta)
+    spec = parse_feature_spec(_features_of(config), f"{config}: features")
+    net = bundle_parser(root, config, device=device).get_parsed_content(net_id, instantiate=True).to(device).eval()
+    x = torch.rand(1, in_ch, *spatial, device=device)
+    feats = torch.full((1, spec.n_columns), float("nan"), device=device)
+    with torch.no_grad():
+        out = net(x, features=feats)
+    if tuple(out.shape) != (1, out_ch):
+        raise ValueError(f"output shape {tuple(out.shape)}, expected (1, {out_ch}) from metadata")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("non-finite output with every feature missing: the missing values are not imputed")
+    return (
+        f"{net_id}: (1, {in_ch}, {', '.join(map(str, spatial))}) + features (1, {spec.n_columns}) -> (1, {out_ch}) "
+        "as in metadata"
+    )
+
+
 def check_network_io(
     bundle_dir: str | os.PathLike[str],
     *,
@@ -196,6 +231,8 @@ def check_network_io(
     root = Path(bundle_dir).resolve()
     config = root / _CONFIG if config_file is None else Path(config_file)
     meta = root / _META
+    if _features_of(config) is not None:
+        return _check_multimodal_io(root, config, meta, net_id, device)
     # the config's own `device` key cannot be overridden here (verify_net_in_out takes `device` as its argument);
     # it moves the network to `device` itself
     verify_net_in_out(net_id=net_id, meta_file=str(meta), config_file=str(config), device=device, bundle_root=str(root))
@@ -245,6 +282,8 @@ def check_export(
     root = Path(bundle_dir).resolve()
     config = root / _CONFIG if config_file is None else Path(config_file)
     meta = root / _META
+    if _features_of(config) is not None:
+        raise _NotApplicable("a clinical or fusion network takes two inputs; its export is not supported yet")
     in_ch, spatial, out_ch = _io_spec(meta)
     parser = bundle_parser(root, config, device="cpu")
     net = parser.get_parsed_content(net_id, instantiate=True)
@@ -319,6 +358,8 @@ def verify_bundle(
     def run(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
             detail = fn(*args, **kwargs)
+        except _NotApplicable as reason:
+            results.append(CheckResult(name, "skip", str(reason)))
         except Exception as err:  # a failed check is reported, not raised
             logger.debug("check %s failed", name, exc_info=True)
             results.append(CheckResult(name, "fail", f"{type(err).__name__}: {err}"))

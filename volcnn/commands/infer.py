@@ -64,6 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="test-time flips: average the heat map over the CT mirrored along each axis (4x the time; candidate mode)",
     )
     p.add_argument(
+        "--features",
+        default=None,
+        metavar="CSV",
+        help="clinical features for a clinical or fusion model: a CSV with a 'case' column (the case name, e.g. the "
+        "file name without extension) and one column per declared feature, empty = missing; a case without a row "
+        "runs with every feature missing and findings.json says so",
+    )
+    p.add_argument(
         "inputs",
         nargs="+",
         metavar="INPUT",
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in given.items() if v is not None}
     return infer(
         args.bundle, args.out, args.inputs, model=args.model, explain=args.explain,
-        explain_method=args.explain_method, explain_layer=args.explain_layer, **overrides,
+        explain_method=args.explain_method, explain_layer=args.explain_layer, features=args.features, **overrides,
     )  # fmt: skip
 
 
@@ -91,6 +99,7 @@ def infer(
     explain: int = 0,
     explain_method: str = "gradcam",
     explain_layer: str | None = None,
+    features: str | None = None,
     **overrides: Any,
 ) -> int:
     """Build the runner from ``bundle`` (or the exported ``model``) and run it over ``inputs`` into ``out_dir``.
@@ -102,6 +111,8 @@ def infer(
             cannot be split into trunk and head).
         explain: explain the N most probable findings per case (Grad-CAM by default; bundle models only); in
             volume mode any N >= 1 writes the one explanation of the whole volume.
+        features: a CSV of clinical features per case (``case`` column + the declared features) for a clinical or
+            fusion bundle; a row with bad values fails that case only (listed in ``failures.json``).
         overrides: bundle config ids (``device``, ``stride_mm``...); with ``model``: ``InferenceRunner`` arguments.
 
     Under torchrun (``WORLD_SIZE`` > 1) each process runs its share of ``inputs`` (input ``i`` on rank
@@ -150,6 +161,7 @@ def infer(
     except Exception as e:
         raise UsageError(f"{bundle or model}: cannot build the inference runner ({type(e).__name__}: {e})") from e
     runner.explain, runner.explain_method, runner.explain_layer = int(explain), explain_method, explain_layer
+    _attach_features(runner, features, inputs, str(bundle or model))
     ignored = sorted(k for k in ("stride_mm", "heatmap_method") if k in overrides)
     if runner.mode == "volume" and ignored:
         logger.warning("%s: a volume-mode model makes no heat map; %s ignored", bundle or model, ", ".join(ignored))
@@ -186,3 +198,31 @@ def _rank_overrides(overrides: dict[str, Any], device: str | None) -> dict[str, 
     if process_rank() != 0:
         out["progress"] = False
     return out
+
+
+def _attach_features(runner: Any, csv_path: str | None, inputs: list[str], source: str) -> None:
+    """Give ``runner`` the cases' clinical features from ``csv_path`` (see :func:`infer`)."""
+    from volcnn.inference.cases import case_names
+    from volcnn.io.features import FeatureError, read_features_csv
+
+    if runner.features is None:
+        if csv_path is not None:
+            raise UsageError(f"{source}: its model takes no clinical features; --features {csv_path} cannot be used")
+        return
+    if csv_path is None:
+        logger.warning(
+            "%s: the model takes clinical features (%s) and no --features CSV was given: every case runs with all of "
+            "them missing (imputed with the training means)", source, ", ".join(runner.features.names),
+        )  # fmt: skip
+        return
+    bad: dict[str, str] = {}
+    try:
+        runner.case_features = read_features_csv(existing_file(csv_path, "features CSV"), runner.features, bad_rows=bad)
+    except FeatureError as e:
+        raise UsageError(str(e)) from e
+    runner.case_feature_errors = bad
+    cases = set(case_names(inputs))
+    absent = sorted(cases - set(runner.case_features) - set(bad))
+    if absent:
+        logger.warning("%s: no row for %d case(s) (%s): their features are all missing", csv_path, len(absent),
+                       ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""))  # fmt: skip

@@ -10,6 +10,7 @@ from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, loa
 from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank, rank_seed, world_size
 from volcnn.engines.early_stopping import ValidationEarlyStopping
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
+from volcnn.engines.feature_importance import feature_importance_from_workflow
 from volcnn.engines.imbalance import class_weights
 from volcnn.engines.mining import MiningSettings, final_weights, mine_round, run_mining
 from volcnn.engines.monitor import TrainingMonitor
@@ -46,6 +47,7 @@ __all__ = [
     "VolcnnTrainer",
     "as_bool",
     "class_weights",
+    "feature_importance_from_workflow",
     "is_rank0",
     "load_training_checkpoint",
     "make_sampler",

@@ -1,6 +1,7 @@
 """Explanations of findings: Grad-CAM / Grad-CAM++ / occlusion saliency on the classifier's patch, written on the
 input's own grid (NIfTI) and as a PNG of three orthogonal slices; in volume mode one map for the whole volume
-(:func:`explain_volume`).
+(:func:`explain_volume`). Clinical features get per-feature attributions (:mod:`volcnn.explain.features`: one
+prediction with each feature left out in turn, and permutation importance over a labelled set).
 
 Typical use, for the top findings of one case::
 
@@ -22,6 +23,12 @@ from volcnn.explain.cam import (
     default_target_layer,
     explain_finding,
     log_odds,
+)
+from volcnn.explain.features import (
+    network_predictor,
+    occlusion_attributions,
+    permutation_importance,
+    plot_feature_importance,
 )
 from volcnn.explain.output import (
     METHOD_LABELS,
@@ -47,7 +54,11 @@ __all__ = [
     "explain_findings",
     "explain_volume",
     "log_odds",
+    "network_predictor",
+    "occlusion_attributions",
     "paste_to_grid",
+    "permutation_importance",
+    "plot_feature_importance",
     "render_explanation_png",
     "to_ras",
     "write_explanation",

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ from volcnn.core.atomic import atomic_write_json, atomic_write_text
 from volcnn.core.geometry import world_to_voxel
 from volcnn.core.options import as_bool
 from volcnn.explain import explain_findings
+from volcnn.explain.features import finding_feature_attributions, patch_feature_attributions
+from volcnn.inference.case_features import CaseFeatures, features_record
 from volcnn.inference.cases import case_names
 from volcnn.inference.dense import DEFAULT_TILE_MB
 from volcnn.inference.findings import NMS_METHODS, SCORE_METHODS, find_peaks, volume_score
@@ -49,6 +51,7 @@ from volcnn.inference.heatmap_strategy import HEATMAP_METHODS, HeatmapStrategy
 from volcnn.inference.refine import FlipMean, refine_findings, refinement_steps
 from volcnn.inference.sharding import Shard
 from volcnn.inference.volume_mode import VolumeModeProcessor
+from volcnn.io.features import FeatureError, parse_feature_spec
 from volcnn.io.input_hash import input_sha256
 from volcnn.io.sources import case_name
 from volcnn.io.volume import load_volume
@@ -111,6 +114,10 @@ class InferenceRunner:
             ``patch_size`` as in evaluation and classified once; see :mod:`volcnn.inference.volume_mode`).
         margin: the training chain's ``margin``, for volume mode's preprocessing (it does not change a fitted
             volume).
+        features: the clinical features the network takes (their declaration, as packaged from the training run),
+            for a clinical or fusion network (``network(image, features=...)``); None for an image network. Each
+            case's values come from :attr:`case_features` (``volcnn infer --features CSV``); a case without values
+            runs with every feature missing (imputed by the network) and ``findings.json`` says so.
         refine_mm: score the classifier's windows within about this distance of each finding and move it onto
             their response (coarse-to-fine, :mod:`volcnn.inference.refine`); 0: findings stay where the heat map
             puts them.
@@ -153,12 +160,20 @@ class InferenceRunner:
         mode: str = "candidate",
         margin: int = 8,
         refine_mm: float = 0.0,
+        features: Any = None,
     ) -> None:
         if score not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score!r}; choose one of {', '.join(SCORE_METHODS)}")
         if nms not in NMS_METHODS:
             raise ValueError(f"unknown nms {nms!r}; choose one of {', '.join(NMS_METHODS)}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        #: the declared clinical features (None: an image network) and each case's values (set by ``volcnn infer``)
+        self.features = None if features is None else parse_feature_spec(features, "inference features")
+        self.case_features: Mapping[str, Mapping[str, Any]] | None = None
+        #: cases whose features row is wrong: they fail with this message, the rest of the batch runs
+        self.case_feature_errors: dict[str, str] = {}
+        if self.features is not None:
+            network = CaseFeatures(network, self.features.n_columns)
         self.network = network.to(self.device).eval()
         self.patch_size = tuple(int(p) for p in patch_size)
         self.pixdim = tuple(float(p) for p in pixdim)
@@ -370,10 +385,12 @@ class InferenceRunner:
         Returns:
             ``{"case", "score", "n_findings", "max_probability"}``.
         """
+        extra = self._bind_features(case)
         if self.volume_mode is not None:  # a model trained on whole volumes: one prediction per volume
             return self.volume_mode.process(
                 path, Path(case_dir), case, digest, explain=self.explain > 0,
-                explain_method=self.explain_method, explain_layer=self.explain_layer,
+                explain_method=self.explain_method, explain_layer=self.explain_layer, extra=extra,
+                attribute=self._volume_attribution(),
             )  # fmt: skip
         vol = load_volume(path)
         digest = digest or input_sha256(path)
@@ -389,6 +406,7 @@ class InferenceRunner:
             voxel = np.rint(world_to_voxel(affine, f["center_ras_mm"])).astype(int)
             f["center_voxel"] = np.clip(voxel, 0, np.asarray(shape) - 1).tolist()
         explanations = self._explain(path, image, findings, Path(case_dir), (shape, affine))
+        self._attribute_features(image, findings, explanations)
         del image
         score = volume_score(
             heat, self.score, self.score_k, heat_affine=heat_affine, min_distance_mm=self.min_distance_mm
@@ -414,6 +432,7 @@ class InferenceRunner:
         }
         if explanations:
             doc["explanations"] = explanations
+        doc.update(extra)
         atomic_write_json(case_dir / "findings.json", doc)
         return {"case": case, "score": doc["score"], "n_findings": len(findings), "max_probability": max_probability}
 
@@ -470,8 +489,63 @@ class InferenceRunner:
             target_layer=self.explain_layer, preprocessed=image, input_grid=grid,  # type: ignore[arg-type]
         )  # fmt: skip
 
+    def _attribute_features(
+        self, image: torch.Tensor, findings: list[dict[str, Any]], explanations: list[dict[str, Any]]
+    ) -> None:
+        """With ``explain`` and a network taking features: each explained finding gets ``feature_attributions``,
+        ``{name: p - p(name missing)}`` on the window centred at it (:func:`finding_feature_attributions`), on the
+        same scale as its ``probability`` (calibrated when the model is; with ``flips``, the mean over the window
+        mirrored along each axis)."""
+        if self.features is None or not explanations:
+            return
+        assert isinstance(self.network, CaseFeatures) and self.network.features is not None
+        chosen = [findings[e["rank"] - 1] for e in explanations]
+        attributions = finding_feature_attributions(
+            self.network.network, image, [f["center_ras_mm"] for f in chosen], self.patch_size,
+            self.network.features[0].cpu().numpy(), self.features, class_index=self.class_index, device=self.device,
+            flips=self.flips, calibration=None if self.calibration is None else self.calibration.apply,
+        )  # fmt: skip
+        for finding, attribution in zip(chosen, attributions, strict=True):
+            finding["feature_attributions"] = attribution
+
+    def _volume_attribution(self) -> Callable[[torch.Tensor], dict[str, float]] | None:
+        """Volume mode's ``attribute(patch) -> {name: attribution}`` of the fitted volume (the score is the
+        network's uncalibrated probability, and so are these), or None (no ``explain``, or an image network)."""
+        if self.features is None or self.explain <= 0:
+            return None
+        assert isinstance(self.network, CaseFeatures) and self.network.features is not None
+        inner, raw, spec = self.network.network, self.network.features[0].cpu().numpy(), self.features
+        return lambda patch: patch_feature_attributions(
+            inner, patch, raw, spec, class_index=self.class_index, device=self.device
+        )
+
+    def _features_extra(self, case: str) -> dict[str, Any]:
+        """``{"features": record}`` for ``findings.json`` (see :func:`features_record`), or ``{}`` (image network)."""
+        if self.features is None:
+            return {}
+        values = None if self.case_features is None else self.case_features.get(case)
+        return {"features": features_record(self.features, values, self.case_features is not None)}
+
+    def _bind_features(self, case: str) -> dict[str, Any]:
+        """Give the network this case's features; returns what ``findings.json`` records of them."""
+        if self.features is None:
+            return {}
+        assert isinstance(self.network, CaseFeatures)
+        if case in self.case_feature_errors:
+            raise FeatureError(self.case_feature_errors[case])
+        values = None if self.case_features is None else self.case_features.get(case)
+        self.network.set_features(self.features.encode(values, f"features of case {case}"))
+        return self._features_extra(case)
+
     def _finished(self, case_dir: Path, digest: str) -> dict[str, Any] | None:
-        """The result of an earlier run of this case with the same input, model and settings, or None."""
+        """The result of an earlier run of this case with the same input, model, settings and features, or None."""
+        if self.features is not None:
+            try:
+                doc = json.loads((case_dir / "findings.json").read_text())
+            except (OSError, ValueError):
+                return None
+            if not isinstance(doc, dict) or doc.get("features") != self._features_extra(case_dir.name)["features"]:
+                return None
         if self.volume_mode is not None:
             return self.volume_mode.finished(case_dir, digest, self.explain_method if self.explain > 0 else None)
         findings, heatmap = case_dir / "findings.json", case_dir / "heatmap.nii.gz"

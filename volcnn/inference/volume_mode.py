@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,8 @@ class VolumeModeProcessor:
         explain: bool = False,
         explain_method: str = "gradcam",
         explain_layer: str | None = None,
+        extra: dict[str, Any] | None = None,
+        attribute: Callable[[MetaTensor], dict[str, float]] | None = None,
     ) -> dict[str, Any]:
         """Classify one input and write ``case_dir/findings.json`` (after the explanation when ``explain``).
 
@@ -150,6 +152,9 @@ class VolumeModeProcessor:
             explain: also write the volume's explanation (``volume_<method>.nii.gz`` and ``.png``).
             explain_method: ``gradcam``, ``gradcampp`` or ``occlusion``.
             explain_layer: Grad-CAM layer (default per network).
+            extra: further top-level keys of ``findings.json`` (the case's ``features`` record).
+            attribute: ``attribute(fitted volume (1, *patch_size)) -> {feature: attribution}``, written as
+                ``feature_attributions`` (the runner gives it with ``--explain`` for a network taking features).
 
         Returns:
             ``{"case", "score", "n_findings": 0, "max_probability"}`` (``max_probability`` is the score: the
@@ -190,6 +195,9 @@ class VolumeModeProcessor:
                     probability=score,
                 )
             ]
+        if attribute is not None:
+            doc["feature_attributions"] = attribute(patch)
+        doc.update(extra or {})
         atomic_write_json(Path(case_dir) / "findings.json", doc)
         return {"case": case, "score": score, "n_findings": 0, "max_probability": score}
 
