@@ -7,10 +7,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
+MM_OUT ?= demo_multimodal
 PYTEST_ARGS ?=
 BENCH_OUT ?= benchmark.json
 
-.PHONY: demo test test-all bench lint typecheck bundle-check clean
+.PHONY: demo demo-multimodal test test-all bench lint typecheck bundle-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo --out $(DEMO_OUT)
+
+# the second demo: image, clinical and fusion malignancy models side by side (README "Image + clinical data")
+demo-multimodal: $(STAMP)
+	$(PY) -m pipelines.multimodal_demo --out $(MM_OUT)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check -q volcnn tests tools pipelines

@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "child_env", "memory_mb", "module_command", "run_child"]
+__all__ = ["REPO", "bundle_overrides", "child_env", "memory_mb", "module_command", "run_child", "run_step"]
 
 #: the repository root (the folder holding ``pipelines/`` and ``volcnn/``)
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +78,24 @@ def memory_mb() -> tuple[float, float]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
         return mb, mb
+
+
+def bundle_overrides(settings: Mapping[str, object]) -> list[str]:
+    """``--key value`` for ``python -m monai.bundle run`` (its command line is parsed by fire: ``False``, not
+    ``false``, is a boolean; a list is one argument without spaces)."""
+    args = []
+    for key, value in settings.items():
+        text = json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
+        args += [f"--{key}", text]
+    return args
+
+
+def run_step(cmd: list[str], what: str, pipeline: str = "demo") -> None:
+    """Run one step of a pipeline from the repository root, printing the command and its time; exits naming the
+    step when it fails."""
+    print(f"\n=== {what}\n$ {' '.join(cmd)}", flush=True)
+    start = time.time()
+    result = subprocess.run(cmd, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"{pipeline}: {what} failed with exit code {result.returncode}")
+    print(f"=== {what}: {time.time() - start:.0f} s", flush=True)

@@ -18,12 +18,11 @@ import csv
 import json
 import logging
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pipelines.common import REPO
+from pipelines.common import REPO, bundle_overrides, run_step
 from volcnn.data import synthesize_cohort
 
 BUNDLE = REPO / "bundles" / "lung_nodule_ct_classification"
@@ -63,25 +62,6 @@ CPU_SETTINGS = {
 MINE_OPTIONS = ["--rounds", "1", "--margin-mm", "6"]
 #: ``volcnn infer`` options: a heat map on a 4 mm grid, dense where the network splits and agrees with its windows
 INFER_OPTIONS = ["--stride-mm", "4.0", "--heatmap-method", "auto"]
-
-
-def _overrides(settings: dict[str, object]) -> list[str]:
-    """``--key value`` for ``python -m monai.bundle run`` (its command line is parsed by fire: ``False``, not
-    ``false``, is a boolean; a list is one argument without spaces)."""
-    args = []
-    for key, value in settings.items():
-        text = json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
-        args += [f"--{key}", text]
-    return args
-
-
-def _run(cmd: list[str], what: str) -> None:
-    print(f"\n=== {what}\n$ {' '.join(cmd)}", flush=True)
-    start = time.time()
-    result = subprocess.run(cmd, cwd=REPO)
-    if result.returncode != 0:
-        raise SystemExit(f"demo: {what} failed with exit code {result.returncode}")
-    print(f"=== {what}: {time.time() - start:.0f} s", flush=True)
 
 
 def _nodules_of(nodules_csv: Path, case: str) -> list[list[float]]:
@@ -138,21 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {split:<10} {counts['cases']:>3} patients, {pos:>3} nodule / {neg:>4} non-nodule candidates")
 
     paths = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--datalist", str(data / "datalist.json")]
-    settings = [*paths, *_overrides({**CPU_SETTINGS, "max_epochs": args.epochs, "seed": args.seed})]
+    settings = [*paths, *bundle_overrides({**CPU_SETTINGS, "max_epochs": args.epochs, "seed": args.seed})]
     monai = [sys.executable, "-m", "monai.bundle", "run"]
     train_json = str(BUNDLE / "configs" / "train.json")
     configs = f"['{train_json}','{BUNDLE / 'configs' / 'evaluate.json'}']"
-    _run([*monai, "training", "--config_file", train_json, *settings, "--output_dir", str(train)], "training")
-    _run([*monai, "--config_file", configs, *settings, "--output_dir", str(train)],
+    run_step([*monai, "training", "--config_file", train_json, *settings, "--output_dir", str(train)], "training")
+    run_step([*monai, "--config_file", configs, *settings, "--output_dir", str(train)],
          "evaluation on the unseen test patients (and calibration on the validation patients)")  # fmt: skip
     runs = {"before mining": train}
     if args.mine_epochs > 0:
-        _run([sys.executable, "-m", "volcnn", "mine", str(train), "--config_file", train_json,
+        run_step([sys.executable, "-m", "volcnn", "mine", str(train), "--config_file", train_json,
               "--annotations", str(data / "annotations.csv"), *MINE_OPTIONS, "--epochs", str(args.mine_epochs),
               *settings],
              "hard-negative mining: the training CTs' false positives become negatives, training goes on")  # fmt: skip
         mined = train / "mining" / "round_1"
-        _run([*monai, "--config_file", configs, *settings, "--output_dir", str(mined)],
+        run_step([*monai, "--config_file", configs, *settings, "--output_dir", str(mined)],
              "evaluation of the mined model on the unseen test patients")  # fmt: skip
         runs["after mining"] = mined
 
@@ -165,15 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         bundle, infer = (
             (out / "bundle", out / "inference") if last else (out / "bundle_initial", out / "inference_initial")
         )
-        _run([sys.executable, "-m", "volcnn", "package", str(run), "--out", str(bundle)],
+        run_step([sys.executable, "-m", "volcnn", "package", str(run), "--out", str(bundle)],
              f"packaging the run {label} (settings, best weights, calibration; offline check)")  # fmt: skip
         if last:
-            _run([sys.executable, "-m", "volcnn", "export", "--bundle", str(bundle)], "export to TorchScript and ONNX")
+            export = [sys.executable, "-m", "volcnn", "export", "--bundle", str(bundle)]
+            run_step(export, "export to TorchScript and ONNX")
         explain = ["--explain", "1"] if last else []
-        _run([sys.executable, "-m", "volcnn", "infer", "--bundle", str(bundle), "--out", str(infer), *explain,
+        run_step([sys.executable, "-m", "volcnn", "infer", "--bundle", str(bundle), "--out", str(infer), *explain,
               *INFER_OPTIONS, *unseen],
              f"whole-CT inference on the {len(unseen)} unseen CTs ({label})")  # fmt: skip
-        _run([sys.executable, "-m", "volcnn", "evaluate-findings", str(infer), "--annotations", str(test_nodules)],
+        run_step([sys.executable, "-m", "volcnn", "evaluate-findings", str(infer), "--annotations", str(test_nodules)],
              f"detection evaluation (FROC / CPM) of the unseen CTs ({label})")  # fmt: skip
         results[label] = {"run": run, "bundle": bundle, "infer": infer}
 

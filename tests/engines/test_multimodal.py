@@ -82,17 +82,19 @@ def test_statistics_come_from_the_training_split_only(cohort, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("modality", "fusion"), [("image", "concat"), ("clinical", "concat"), ("fusion", "concat"), ("fusion", "film")]
+    ("modality", "fusion", "dropout"),
+    [("image", "concat", 0.0), ("clinical", "concat", 0.0), ("fusion", "concat", 0.3), ("fusion", "film", 0.0)],
 )
-def test_every_modality_trains_and_resumes_bit_exact(cohort, tmp_path, modality, fusion):
-    ref = _workflow(cohort, tmp_path / "ref", modality=modality, fusion=fusion)
+def test_every_modality_trains_and_resumes_bit_exact(cohort, tmp_path, modality, fusion, dropout):
+    kw = {"modality": modality, "fusion": fusion, "feature_dropout": dropout}
+    ref = _workflow(cohort, tmp_path / "ref", **kw)
     ref.run()
-    cut = _workflow(cohort, tmp_path / "cut", modality=modality, fusion=fusion)
+    cut = _workflow(cohort, tmp_path / "cut", **kw)
     cut.parser.get_parsed_content("train#trainer").add_event_handler(
         Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate()
     )
     cut.run()
-    _workflow(cohort, tmp_path / "cut", modality=modality, fusion=fusion, resume=True).run()
+    _workflow(cohort, tmp_path / "cut", resume=True, **kw).run()
     a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "cut")
     assert a.keys() == b.keys()
     assert not [k for k in a if not torch.equal(a[k], b[k])]

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from volcnn.networks import ClinicalClassifier, FeatureNormalizer, FusionClassifier, create_multimodal_network
+from volcnn.networks import (
+    ClinicalClassifier,
+    FeatureNormalizer,
+    FusionClassifier,
+    create_multimodal_network,
+    load_branch_weights,
+)
 from volcnn.networks.ensemble import EnsembleClassifier
 
 DECL = {
@@ -121,3 +127,24 @@ def test_modality_and_fusion_are_checked():
         create_multimodal_network("fusion", "seed_cnn3d", features=None)
     with pytest.raises(ValueError, match="fusion must be one of"):
         create_multimodal_network("fusion", "seed_cnn3d", features=DECL, fusion="sum", spatial_size=(16, 16, 16))
+
+
+def test_branches_start_from_single_modality_runs(tmp_path):
+    torch.manual_seed(5)
+    image = create_multimodal_network("image", "seed_cnn3d", spatial_size=(16, 16, 16))
+    clinical = create_multimodal_network("clinical", "seed_cnn3d", features=DECL, feature_stats=STATS)
+    torch.save(image.state_dict(), tmp_path / "image.pt")
+    torch.save(clinical.state_dict(), tmp_path / "clinical.pt")
+    fusion = create_multimodal_network("fusion", "seed_cnn3d", features=DECL, spatial_size=(16, 16, 16))
+    head = fusion.head.weight.detach().clone()
+    load_branch_weights(fusion, tmp_path / "image.pt", str(tmp_path / "clinical.pt"), network_def="seed_cnn3d",
+                        spatial_size=(16, 16, 16))  # fmt: skip
+    assert torch.equal(fusion.trunk[0].weight, image.features[0].weight)
+    assert torch.equal(fusion.tabular.mlp[0].weight, clinical.tabular.mlp[0].weight)
+    assert torch.equal(fusion.tabular.normalize.mean, torch.tensor(STATS["mean"]))  # the statistics come along
+    assert torch.equal(fusion.head.weight, head)  # the fusion head is left as initialised
+    with pytest.raises(ValueError, match="image.pt: not resnet18 weights"):
+        load_branch_weights(fusion, tmp_path / "image.pt", None, network_def="resnet18", spatial_size=(16, 16, 16))
+    with pytest.raises(ValueError, match="branch weights are for a fusion network"):
+        load_branch_weights(image, tmp_path / "image.pt", None, network_def="seed_cnn3d")
+    assert load_branch_weights(image, None, "none") is image  # nothing to load: nothing checked

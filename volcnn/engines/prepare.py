@@ -35,6 +35,8 @@ class AugmentOnDevice(PrepareBatch):
         features_key: a key of ``batchdata`` holding raw clinical features ``(B, F_raw)`` (NaN = missing); when set
             the batch is ``(image, label, (), {"features": ...})`` so the engine calls ``network(image,
             features=...)`` (multimodal networks, :mod:`volcnn.networks.fusion`).
+        features_augment: called on those features ``(B, C)`` on ``device`` (training: e.g.
+            :class:`~volcnn.transforms.FeatureDropout`); None: passed as they are.
 
     A MetaTensor image or label is reduced to its plain tensor before the move: the batch's affine and metadata
     are not used by training, the augmentation changes the geometry anyway, and every op on a MetaTensor pays for
@@ -48,12 +50,14 @@ class AugmentOnDevice(PrepareBatch):
         label_key: str = "label",
         channels_last: bool = False,
         features_key: str | None = None,
+        features_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.augment = augment
         self.image_key = image_key
         self.label_key = label_key
         self.channels_last = bool(channels_last)
         self.features_key = features_key
+        self.features_augment = features_augment
 
     def __call__(
         self,
@@ -79,7 +83,10 @@ class AugmentOnDevice(PrepareBatch):
             if self.features_key not in batchdata:
                 raise KeyError(f"the batch has no {self.features_key!r}: does the datalist declare clinical features?")
             feats = torch.as_tensor(_plain(batchdata[self.features_key])).float()
-            return image, label, (), {"features": feats.to(device=device, non_blocking=non_blocking)}
+            feats = feats.to(device=device, non_blocking=non_blocking)
+            if self.features_augment is not None:
+                feats = self.features_augment(feats)
+            return image, label, (), {"features": feats}
         return image, label
 
 

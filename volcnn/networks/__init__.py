@@ -6,7 +6,7 @@ from __future__ import annotations
 from volcnn.networks import monai_nets, seed_cnn, valid_cnn  # noqa: F401  (registers the networks)
 from volcnn.networks.ensemble import EnsembleClassifier
 from volcnn.networks.families import Family, TrunkHead, cam_layers, family_of, register_family, split_trunk_head
-from volcnn.networks.fusion import FusionClassifier, create_multimodal_network
+from volcnn.networks.fusion import FusionClassifier, create_multimodal_network, load_branch_weights
 from volcnn.networks.introspect import in_channels, unwrap
 from volcnn.networks.registry import create_network, list_networks, register_network
 from volcnn.networks.seed_cnn import SeedCNN3d
@@ -28,6 +28,7 @@ __all__ = [
     "family_of",
     "in_channels",
     "list_networks",
+    "load_branch_weights",
     "register_family",
     "register_network",
     "split_trunk_head",

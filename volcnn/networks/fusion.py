@@ -25,7 +25,7 @@ from volcnn.networks.introspect import detached_copy
 from volcnn.networks.registry import create_network
 from volcnn.networks.tabular import ClinicalClassifier, TabularBranch, broadcast_features
 
-__all__ = ["FUSIONS", "MODALITIES", "FusionClassifier", "create_multimodal_network"]
+__all__ = ["FUSIONS", "MODALITIES", "FusionClassifier", "create_multimodal_network", "load_branch_weights"]
 
 MODALITIES = ("image", "clinical", "fusion")
 FUSIONS = ("concat", "film")
@@ -134,3 +134,51 @@ def create_multimodal_network(
         return ClinicalClassifier(features, num_classes, feature_stats, hidden)
     image_net = create_network(network_def, in_channels=in_channels, num_classes=num_classes, spatial_size=size)
     return FusionClassifier(image_net, features, num_classes, feature_stats, fusion, hidden, in_channels, size)
+
+
+def load_branch_weights(
+    network: nn.Module,
+    image: object = None,
+    clinical: object = None,
+    *,
+    network_def: str = "",
+    spatial_size: Sequence[int] | None = None,
+    num_classes: int = 2,
+    in_channels: int = 1,
+) -> nn.Module:
+    """Start a fusion network's branches from single-modality runs: the image trunk from an image model's weights
+    (``image``: its ``model.pt``, a ``network_def`` state dict), the clinical branch from a clinical model's
+    (``clinical``); the fusion head stays freshly initialised. None or "none" skips a branch.
+
+    Trained jointly from scratch on a few hundred patients, a fusion network leans on the branch that learns fastest
+    (here the clinical one) and leaves the image trunk under-trained ("modality competition"); starting both branches
+    from their own runs gives it each modality's features from the first step (see the README's multimodal figures).
+
+    Raises:
+        ValueError: ``network`` is not a :class:`FusionClassifier`, or weights that do not fit the branch (naming
+            the file).
+    """
+    given = (("image", image), ("clinical", clinical))
+    paths = {k: str(v) for k, v in given if v is not None and str(v).lower() not in ("", "none", "null")}
+    if not paths:
+        return network
+    if not isinstance(network, FusionClassifier):
+        raise ValueError(f"branch weights are for a fusion network, got {type(network).__name__}")
+    device = next(network.parameters()).device
+    if "image" in paths:
+        size = tuple(int(s) for s in (spatial_size or (32, 32, 32)))
+        image_net = create_network(network_def, in_channels=in_channels, num_classes=num_classes, spatial_size=size)
+        try:
+            image_net.load_state_dict(torch.load(paths["image"], map_location="cpu", weights_only=True))
+        except RuntimeError as e:
+            raise ValueError(f"{paths['image']}: not {network_def} weights for patches {list(size)} ({e})") from e
+        network.trunk.load_state_dict(split_trunk_head(image_net).trunk.state_dict())
+    if "clinical" in paths:
+        state = torch.load(paths["clinical"], map_location="cpu", weights_only=True)
+        branch = {k[len("tabular.") :]: v for k, v in state.items() if k.startswith("tabular.")}
+        try:
+            network.tabular.load_state_dict(branch)
+        except RuntimeError as e:
+            raise ValueError(f"{paths['clinical']}: not a clinical model of these features ({e})") from e
+    network.to(device)
+    return network

@@ -12,6 +12,7 @@ from volcnn.transforms.chains import (
     validation_transforms,
 )
 from volcnn.transforms.crop import CropOrFitd, FitVolume, WorldPatchCrop
+from volcnn.transforms.feature_dropout import FeatureDropout
 from volcnn.transforms.intensity import INTENSITY_MODES, HUWindow, HUWindowd, check_intensity, intensity_transform
 from volcnn.transforms.resample import ResampleToSpacing, ResampleToSpacingd, resample_linear, resample_to_grid
 from volcnn.transforms.volume_cache import PreprocessVolumed, preprocess_loaded, preprocess_volume, volume_transforms
@@ -20,6 +21,7 @@ __all__ = [
     "INTENSITY_MODES",
     "AugmentParams",
     "BatchRandAugment",
+    "FeatureDropout",
     "CropOrFitd",
     "FitVolume",
     "HUWindow",
