@@ -72,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "runs with every feature missing and findings.json says so",
     )
     p.add_argument(
+        "--dicom-out",
+        action="store_true",
+        help="for DICOM series inputs also write OUT/<case>/findings_sr.dcm (DICOM SR, TID 1500: each finding's "
+        "point in patient coordinates and probability, the model, references to the input), heatmap_pm.dcm (the heat "
+        "map as a DICOM Parametric Map, candidate mode) and, with --explain, explain_pm.dcm; other inputs get none",
+    )
+    p.add_argument(
         "inputs",
         nargs="+",
         metavar="INPUT",
@@ -86,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in given.items() if v is not None}
     return infer(
         args.bundle, args.out, args.inputs, model=args.model, explain=args.explain,
-        explain_method=args.explain_method, explain_layer=args.explain_layer, features=args.features, **overrides,
+        explain_method=args.explain_method, explain_layer=args.explain_layer, features=args.features,
+        dicom_out=args.dicom_out, **overrides,
     )  # fmt: skip
 
 
@@ -100,6 +108,7 @@ def infer(
     explain_method: str = "gradcam",
     explain_layer: str | None = None,
     features: str | None = None,
+    dicom_out: bool = False,
     **overrides: Any,
 ) -> int:
     """Build the runner from ``bundle`` (or the exported ``model``) and run it over ``inputs`` into ``out_dir``.
@@ -113,6 +122,9 @@ def infer(
             volume mode any N >= 1 writes the one explanation of the whole volume.
         features: a CSV of clinical features per case (``case`` column + the declared features) for a clinical or
             fusion bundle; a row with bad values fails that case only (listed in ``failures.json``).
+        dicom_out: after the batch, write each DICOM-series case's results as DICOM (SR, heat-map and explanation
+            Parametric Maps: :func:`volcnn.inference.dicom_out.write_batch_dicom`); a case whose DICOM cannot be
+            written is added to ``failures.json`` (exit 1) and the others go on; file inputs get a logged note.
         overrides: bundle config ids (``device``, ``stride_mm``...); with ``model``: ``InferenceRunner`` arguments.
 
     Under torchrun (``WORLD_SIZE`` > 1) each process runs its share of ``inputs`` (input ``i`` on rank
@@ -175,12 +187,20 @@ def infer(
         except OSError as e:
             raise UsageError(f"{out_dir}: cannot write outputs ({e})") from e
         rank0 = shard is None or shard.rank == 0
-    n_bad = len(result["failures"])
+        dicom_failures = _write_dicom(inputs, out_dir, result, shard) if dicom_out else []
+    n_bad = len(result["failures"]) + len(dicom_failures)
     if n_bad:
         if rank0:
             logger.warning("%d of %d inputs failed; see %s", n_bad, len(inputs), Path(out_dir) / "failures.json")
         return 1
     return 0
+
+
+def _write_dicom(inputs: list[str], out_dir: str, result: dict[str, Any], shard: Any) -> list[dict[str, str]]:
+    """``--dicom-out``'s post-step over the processed cases (:func:`volcnn.inference.dicom_out.write_batch_dicom`)."""
+    from volcnn.inference.dicom_out import write_batch_dicom
+
+    return write_batch_dicom(list(inputs), out_dir, result, shard=shard)
 
 
 def _rank_overrides(overrides: dict[str, Any], device: str | None) -> dict[str, Any]:
