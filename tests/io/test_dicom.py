@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, generate_uid
+from pydicom.uid import HEVCMP51, JPEG2000Lossless, JPEGLSLossless, generate_uid
 
 from tests.conftest import make_affine
 from volcnn.data import write_dicom_series
@@ -244,7 +244,8 @@ BAD = {
     "cut before pixel data": (_cut_before_pixels, "IM0003.dcm", "no pixel data"),
     "two series": (_two_series, None, r"2 DICOM series in one folder \([0-9a-f]{12} \(7 files\), [0-9a-f]{12}"),
     "duplicate position": (_duplicate, None, "duplicate slice position: IM0003.dcm and IM0099.dcm"),
-    "JPEG-LS without decoder": (_compressed(JPEGLSLossless), "IM0002.dcm", "JPEG-LS Lossless.*no decoder installed"),
+    "syntax without decoder": (_compressed(HEVCMP51), "IM0002.dcm", r"HEVC/H\.265 .*no decoder installed"),
+    "JPEG-LS garbage": (_compressed(JPEGLSLossless), "IM0002.dcm", "cannot decode pixel data in .*JPEG-LS Lossless"),
     "JPEG 2000 garbage": (_compressed(JPEG2000Lossless), "IM0002.dcm", "cannot decode pixel data in .*JPEG 2000"),
     "non-CT modality": (_mr, ".dcm", "Modality is 'MR', not CT"),
     "orientation differs": (

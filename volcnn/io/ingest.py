@@ -62,7 +62,9 @@ class IngestInput:
         kind: ``"file"`` or ``"dicom"``.
         name: the output name before sanitising and de-duplication.
         files: for DICOM, the files of the series (all DICOM files in the folder when series are not split).
-        uid_hash: for a split DICOM series, 12 hex chars of the SeriesInstanceUID's sha256.
+        uid_hash: for a split DICOM series, 12 hex chars of the SeriesInstanceUID's sha256 (of the attributes the
+            files were grouped by when they have no SeriesInstanceUID).
+        warnings: how the series' files were grouped, when not by SeriesInstanceUID alone (for the manifest).
     """
 
     source: str
@@ -70,6 +72,7 @@ class IngestInput:
     name: str
     files: list[Path] = field(default_factory=list)
     uid_hash: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -171,12 +174,12 @@ def _split_series(inp: IngestInput) -> list[IngestInput]:
     for s in discover_series(folder):
         files = sorted(Path(f) for f in s.files if Path(f).resolve() in wanted)  # this folder only
         if files:
-            series.append((s.uid_hash, files))
+            series.append((s.uid_hash, files, list(s.warnings)))
     if not series:
         raise VolumeError(inp.source, "no DICOM series found in this folder")
     if len(series) == 1:
-        return [IngestInput(inp.source, "dicom", inp.name, series[0][1], series[0][0])]
-    return [IngestInput(inp.source, "dicom", f"{inp.name}_{uid[:8]}", files, uid) for uid, files in series]
+        return [IngestInput(inp.source, "dicom", inp.name, series[0][1], series[0][0], series[0][2])]
+    return [IngestInput(inp.source, "dicom", f"{inp.name}_{uid[:8]}", files, uid, ws) for uid, files, ws in series]
 
 
 def _source_sha256(inp: IngestInput) -> str:
@@ -246,7 +249,7 @@ def ingest(
     names and hashes in name order, as :func:`volcnn.io.input_hash.input_sha256`), ``shape``, ``spacing`` (mm,
     rounded to 1e-4), ``orientation`` (nibabel axis codes), ``n_slices``, ``dtype``, ``kind``,
     ``checks_passed``, ``warnings`` and, for DICOM, ``series_uid_hash`` (12 hex chars of the SeriesInstanceUID's
-    sha256; never the UID itself).
+    sha256, or for files without one of the attributes they were grouped by; never the UID itself).
 
     Failures do not stop the run. ``manifest.json`` and ``failures.json`` are rewritten atomically after each
     input. An input whose source path and source hash are already in the manifest, with its output present
@@ -359,7 +362,7 @@ def _ingest_one(inp: IngestInput, out: Path, manifest: list[dict[str, Any]]) -> 
         "dtype": str(array.dtype),
         "kind": vol.kind,
         "checks_passed": checks,
-        "warnings": [str(w) for w in vol.warnings],
+        "warnings": [str(w) for w in [*inp.warnings, *vol.warnings]],
     }
     if inp.kind == "dicom":
         entry["series_uid_hash"] = uid_hash
