@@ -148,3 +148,20 @@ def test_branches_start_from_single_modality_runs(tmp_path):
     with pytest.raises(ValueError, match="branch weights are for a fusion network"):
         load_branch_weights(image, tmp_path / "image.pt", None, network_def="seed_cnn3d")
     assert load_branch_weights(image, None, "none") is image  # nothing to load: nothing checked
+
+
+def test_concat_fusion_from_both_runs_starts_as_the_sum_of_their_logits(tmp_path):
+    torch.manual_seed(6)
+    image = create_multimodal_network("image", "valid_cnn3d", spatial_size=(32, 32, 32)).eval()
+    clinical = create_multimodal_network("clinical", "valid_cnn3d", features=DECL, feature_stats=STATS).eval()
+    torch.save(image.state_dict(), tmp_path / "image.pt")
+    torch.save(clinical.state_dict(), tmp_path / "clinical.pt")
+    fusion = create_multimodal_network("fusion", "valid_cnn3d", features=DECL, spatial_size=(32, 32, 32)).eval()
+    x, f = torch.randn(2, 1, 32, 32, 32), torch.tensor([[70.0, 0, 1, 0, 1], [50.0, NAN, NAN, NAN, 0]])
+    with torch.no_grad():
+        before = fusion(x, features=f)
+        load_branch_weights(fusion, tmp_path / "image.pt", tmp_path / "clinical.pt", network_def="valid_cnn3d",
+                            spatial_size=(32, 32, 32))  # fmt: skip
+        expected = image(x) + clinical(x, features=f)
+        assert not torch.allclose(before, expected, atol=1e-3)
+        assert torch.allclose(fusion(x, features=f), expected, atol=1e-5)

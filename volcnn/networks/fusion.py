@@ -148,7 +148,9 @@ def load_branch_weights(
 ) -> nn.Module:
     """Start a fusion network's branches from single-modality runs: the image trunk from an image model's weights
     (``image``: its ``model.pt``, a ``network_def`` state dict), the clinical branch from a clinical model's
-    (``clinical``); the fusion head stays freshly initialised. None or "none" skips a branch.
+    (``clinical``). With both, a ``concat`` network's head starts as the two models' heads side by side, so the
+    fusion's first logits are the sum of theirs (a product of experts, for a network whose image head is pooled);
+    otherwise the head stays freshly initialised. None or "none" skips a branch.
 
     Trained jointly from scratch on a few hundred patients, a fusion network leans on the branch that learns fastest
     (here the clinical one) and leaves the image trunk under-trained ("modality competition"); starting both branches
@@ -165,6 +167,7 @@ def load_branch_weights(
     if not isinstance(network, FusionClassifier):
         raise ValueError(f"branch weights are for a fusion network, got {type(network).__name__}")
     device = next(network.parameters()).device
+    image_head: nn.Linear | None = None
     if "image" in paths:
         size = tuple(int(s) for s in (spatial_size or (32, 32, 32)))
         image_net = create_network(network_def, in_channels=in_channels, num_classes=num_classes, spatial_size=size)
@@ -172,7 +175,10 @@ def load_branch_weights(
             image_net.load_state_dict(torch.load(paths["image"], map_location="cpu", weights_only=True))
         except RuntimeError as e:
             raise ValueError(f"{paths['image']}: not {network_def} weights for patches {list(size)} ({e})") from e
-        network.trunk.load_state_dict(split_trunk_head(image_net).trunk.state_dict())
+        split = split_trunk_head(image_net)
+        network.trunk.load_state_dict(split.trunk.state_dict())
+        image_head = split.linear if split.pooled else None
+    clinical_head: nn.Linear | None = None
     if "clinical" in paths:
         state = torch.load(paths["clinical"], map_location="cpu", weights_only=True)
         branch = {k[len("tabular.") :]: v for k, v in state.items() if k.startswith("tabular.")}
@@ -180,5 +186,13 @@ def load_branch_weights(
             network.tabular.load_state_dict(branch)
         except RuntimeError as e:
             raise ValueError(f"{paths['clinical']}: not a clinical model of these features ({e})") from e
+        if {"head.weight", "head.bias"} <= set(state):
+            clinical_head = nn.Linear(state["head.weight"].shape[1], state["head.weight"].shape[0])
+            clinical_head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    if network.fusion == "concat" and image_head is not None and clinical_head is not None:
+        # the two models' heads side by side: the fusion starts as the sum of their logits (a product of experts)
+        with torch.no_grad():
+            network.head.weight.copy_(torch.cat([image_head.weight, clinical_head.weight], dim=1))
+            network.head.bias.copy_(image_head.bias + clinical_head.bias)
     network.to(device)
     return network
