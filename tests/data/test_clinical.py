@@ -177,3 +177,14 @@ def test_roc_auc_matches_sklearn() -> None:
     y = (rng.random(300) < 1 / (1 + np.exp(-2 * s))).astype(int)
     assert math.isclose(roc_auc(s, y), roc_auc_score(y, s), rel_tol=1e-12)
     assert roc_auc(s, np.zeros(300)) is None
+
+
+def test_oracle_loss_to_missing_values_grows_with_the_missing_share():
+    from volcnn.data.clinical import oracle_auc_with_missing
+
+    none = oracle_auc_with_missing(0.0, n=3000)
+    assert none["lost"] == 0.0 and none["complete"] == none["missing"]
+    lost = [oracle_auc_with_missing(f, n=3000, seed=1)["lost"] for f in (0.1, 0.3, 0.6)]
+    assert 0 < lost[0] < lost[1] < lost[2]
+    with pytest.raises(ValueError, match="fraction"):
+        oracle_auc_with_missing(1.0)
