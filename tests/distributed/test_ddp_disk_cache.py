@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.distributed.torchrun_output import failure_report
 from volcnn.data import make_dataset, synthesize_cohort
 from volcnn.engines.dist import process_rank
 
@@ -145,7 +146,7 @@ def shared(cohort: Path, expected: dict[str, dict[str, str]], tmp_path_factory: 
         out = root / name
         out.mkdir()
         done = _torchrun(cohort, out, cache_dir, _batch_size(expected))
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0, failure_report(done)
         runs[name] = out
         runs[f"{name}_files"] = _cache_files(cache_dir)
     return runs

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed.torchrun_output import failure_report
 from volcnn.data import synthesize_cohort
 from volcnn.engines import load_training_checkpoint
 
@@ -124,7 +125,7 @@ def reference(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp_reference")
     done = subprocess.run(_torchrun_cmd(cohort, out, resume=False), cwd=out, env=_env(), capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done)
     return out
 
 
@@ -163,7 +164,7 @@ def test_ddp_sigkill_of_the_node_at_random_points_then_resume_is_bit_exact(
 
     done = subprocess.run(_torchrun_cmd(cohort, tmp_path, resume=True), cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done)
     assert "resumed from" in done.stdout + done.stderr, "the last run did not resume from a checkpoint"
     ref, got = _final_state(reference), _final_state(tmp_path)
     assert ref.keys() == got.keys()

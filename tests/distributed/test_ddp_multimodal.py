@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.distributed.torchrun_output import failure_report
 from volcnn.data import synthesize_cohort
 from volcnn.io.features import attach_features, feature_matrix, fit_feature_stats, load_section
 
@@ -53,7 +54,7 @@ def test_fusion_trains_under_ddp_with_whole_split_statistics(cohort, tmp_path):
          "monai.bundle", "run", "training", "--config_file", configs, *args],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done)
     best = json.loads((tmp_path / "models" / "best.json").read_text())
     state = torch.load(tmp_path / "models" / best["file"], map_location="cpu", weights_only=True)
     train = attach_features(json.loads((cohort / "datalist_mm.json").read_text())["training"], DECL)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed.torchrun_output import failure_report
 from volcnn.data import synthesize_cohort
 
 pytestmark = pytest.mark.dist
@@ -65,7 +66,7 @@ def _single_process_val_auc(cohort: Path, weights: Path) -> float:
 def ddp_run(cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     done = _torchrun(cohort, out, epochs=2)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done)
     (out / "torchrun.log").write_text(done.stdout + done.stderr)
     return out
 
@@ -105,7 +106,7 @@ def test_resume_under_ddp_continues_from_the_last_checkpoint(cohort, ddp_run, tm
     first = ddp_run / "models" / "checkpoint_epoch0001.pt"
     (out / "models" / first.name).write_bytes(first.read_bytes())
     done = _torchrun(cohort, out, epochs=2, resume=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done)
     assert (out / "models" / "checkpoint_epoch0002.pt").is_file()
     assert not (out / "models" / "checkpoint_epoch0003.pt").exists()
     log = done.stdout + done.stderr
@@ -124,7 +125,7 @@ def test_distributed_evaluation_writes_what_one_process_writes(cohort, ddp_run, 
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if overlay else []
         done = _run([sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", configs,
                      *_bundle_args(cohort, out, n_boot=50)])  # fmt: skip
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0, failure_report(done)
         outs[name] = out
     single, ddp = (json.loads((outs[n] / "metrics.json").read_text()) for n in ("single", "ddp"))
     assert ddp["num_samples"] == single["num_samples"] > 0

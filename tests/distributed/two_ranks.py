@@ -17,7 +17,8 @@ def _entry(rank: int, fn: Callable[[int], Any], init_file: str, results: Any) ->
     try:
         results[rank] = fn(rank)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # ``fn`` may have torn the group down itself
+            dist.destroy_process_group()
 
 
 def on_two_ranks(fn: Callable[[int], Any], tmp_path: Path) -> tuple[Any, Any]:

@@ -7,7 +7,14 @@ from volcnn.core.options import as_bool
 from volcnn.engines.amp import AmpPolicy, resolve_amp
 from volcnn.engines.best_model import BestModelSaver
 from volcnn.engines.checkpoint import CheckpointError, TrainingCheckpointer, load_training_checkpoint
-from volcnn.engines.dist import BroadcastBuffers, is_rank0, process_rank, rank_seed, world_size
+from volcnn.engines.dist import (
+    BroadcastBuffers,
+    is_rank0,
+    process_rank,
+    rank_seed,
+    shutdown_process_group,
+    world_size,
+)
 from volcnn.engines.early_stopping import ValidationEarlyStopping
 from volcnn.engines.evaluation import EvaluationReport, PredictionCollector
 from volcnn.engines.feature_importance import feature_importance_from_workflow
@@ -33,6 +40,7 @@ __all__ = [
     "AutocastInferer",
     "BestModelSaver",
     "BroadcastBuffers",
+    "shutdown_process_group",
     "CheckpointError",
     "EvaluationReport",
     "NonFiniteLossError",

@@ -12,7 +12,7 @@ from ignite.engine import Engine, Events
 
 from volcnn.core.ranks import is_rank0, process_rank, world_size
 
-__all__ = ["process_rank", "world_size", "is_rank0", "rank_seed", "BroadcastBuffers"]
+__all__ = ["process_rank", "world_size", "is_rank0", "rank_seed", "BroadcastBuffers", "shutdown_process_group"]
 
 
 def rank_seed(seed: object) -> int | None:
@@ -22,6 +22,22 @@ def rank_seed(seed: object) -> int | None:
     if seed is None or str(seed).strip().lower() in ("none", "null", ""):
         return None
     return int(str(seed)) + process_rank()
+
+
+def shutdown_process_group(group: dist.ProcessGroup | None = None) -> bool:
+    """Wait for every rank at a barrier, then destroy ``group`` (the default group when ``None``).
+
+    Without the barrier a rank that ends early (rank 1 skips rank 0's writing of models, reports and TensorBoard)
+    tears down its gloo connections, or exits, while the other still holds the group, and gloo's transport thread
+    can abort the other process on the closed socket (``SIGABRT``, no Python traceback) after all the work is done.
+    The barrier brings the ranks to the teardown together. Returns whether a group was destroyed (``False`` when
+    none is initialised, as in a single process).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
+    return True
 
 
 class BroadcastBuffers:

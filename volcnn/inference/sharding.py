@@ -97,13 +97,14 @@ def torchrun_shard() -> Iterator[Shard | None]:
         group = None
     else:
         group = dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
+    finished = False
     try:
         yield Shard(dist.get_rank(), dist.get_world_size(), group)
+        finished = True
     finally:
-        if created:
-            dist.destroy_process_group()
-        else:
-            dist.destroy_process_group(group)
+        if finished:  # the ranks tear down together (see volcnn.engines.dist.shutdown_process_group)
+            dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 def rank_device(device: str | None) -> str | None:
