@@ -6,6 +6,7 @@ case whose DICOM cannot be written, an enhanced multi-frame input, the command l
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -123,6 +124,9 @@ def test_the_batch_goes_on_past_a_case_whose_dicom_fails(batch):
     assert failure["case"] == "no_frame" and failure["stage"] == "dicom_out"
     assert failure["input"] == str(batch["broken"]) and "FrameOfReferenceUID" in failure["error"]
     assert json.loads((batch["out"] / "failures.json").read_text()) == [failure]
+    with open(batch["out"] / "summary.csv", newline="") as f:
+        status = {row["case"]: row["status"] for row in csv.DictReader(f)}
+    assert status == {"no_frame": "dicom_out failed", "chest": "ok", "plain": "ok", "flipped": "ok"}
     broken = batch["out"] / "no_frame"
     assert (broken / "findings.json").is_file() and not list(broken.glob("*.dcm"))
     for name in GEOMETRY:

@@ -35,6 +35,8 @@ outputs removes that case's DICOM files, is returned (and recorded in ``failures
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import logging
 import os
@@ -54,7 +56,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 import volcnn
-from volcnn.core.atomic import atomic_path, atomic_write_json
+from volcnn.core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from volcnn.inference.cases import case_names
 from volcnn.inference.sharding import Shard
 from volcnn.io.dicom import discover_series
@@ -600,7 +602,8 @@ def write_batch_dicom(
 
     A case whose DICOM outputs cannot be written is logged and returned as ``{"input", "case", "stage":
     "dicom_out", "error"}`` (its findings.json and heat map stay); the other cases go on. The failures are appended
-    to ``OUT/failures.json`` (by rank 0 under torchrun, each rank having written its own cases).
+    to ``OUT/failures.json`` and their ``summary.csv`` rows get the status ``dicom_out failed`` (by rank 0 under
+    torchrun, each rank having written its own cases).
 
     Args:
         inputs: the batch, as given to :meth:`~volcnn.inference.InferenceRunner.run`.
@@ -645,7 +648,9 @@ def write_batch_dicom(
 
 
 def _record_failures(out: Path, failures: list[dict[str, str]]) -> None:
-    """Append ``failures`` to ``out/failures.json`` (the runner's list), atomically."""
+    """Append ``failures`` to ``out/failures.json`` (the runner's list) and mark their cases' ``summary.csv`` rows
+    ``dicom_out failed`` (their scores stay: the findings are valid), each file replaced atomically."""
+    _mark_summary(out / "summary.csv", {f["case"] for f in failures}, "dicom_out failed")
     try:
         earlier = json.loads((out / "failures.json").read_text())
     except (OSError, ValueError):
@@ -653,3 +658,21 @@ def _record_failures(out: Path, failures: list[dict[str, str]]) -> None:
     if not isinstance(earlier, list):
         earlier = []
     atomic_write_json(out / "failures.json", [*earlier, *failures])
+
+
+def _mark_summary(path: Path, cases: set[str], status: str) -> None:
+    """Set the ``status`` of ``cases``' rows of the runner's ``summary.csv`` (left alone when it is missing)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return
+    reader = csv.DictReader(io.StringIO(text))
+    fields = list(reader.fieldnames or [])
+    rows = [dict(row, status=status) if row.get("case") in cases else row for row in reader]
+    if "status" not in fields:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
