@@ -30,11 +30,11 @@ from volcnn.evaluation.findings import evaluate_findings
 __all__ = ["main", "run"]
 
 
-def _cohort(work: Path, seed: int, cases: int) -> tuple[list[Path], Path]:
+def _cohort(work: Path, seed: int, cases: int, juxtavascular: float = 0.0) -> tuple[list[Path], Path]:
     """The CTs and the ``nodules.csv`` of a synthetic cohort of ``cases`` small CTs (made once per folder)."""
-    folder = work / f"cohort_seed{seed}_n{cases}"
+    folder = work / (f"cohort_seed{seed}_n{cases}" + (f"_jv{juxtavascular:g}" if juxtavascular else ""))
     if not (folder / "nodules.csv").is_file():
-        synthesize_cohort(folder, cases=cases, seed=seed, size="small", progress=False)
+        synthesize_cohort(folder, cases=cases, seed=seed, size="small", progress=False, juxtavascular=juxtavascular)
     return sorted((folder / "images").glob("*.nii.gz")), folder / "nodules.csv"
 
 
@@ -61,6 +61,7 @@ def run(
     work: Path,
     extra: list[str] | None = None,
     cohorts: Path | None = None,
+    juxtavascular: float = 0.0,
 ) -> dict[str, Any]:
     """Infer every CT of the cohorts with ``bundle`` and score the findings; returns the result dict.
 
@@ -70,11 +71,12 @@ def run(
         work: folder of the inference outputs (and of the cohorts unless ``cohorts`` is given).
         extra: further ``volcnn infer`` arguments (``--tta``...).
         cohorts: folder the cohorts are made in once and reused from.
+        juxtavascular: share of the cohorts' nodules placed against a vessel (``volcnn synth --juxtavascular``).
     """
     inputs: list[Path] = []
     csvs, prefixes = [], []
     for seed in seeds:
-        images, nodules = _cohort(cohorts or work, seed, cases)
+        images, nodules = _cohort(cohorts or work, seed, cases, juxtavascular)
         prefix = f"s{seed}_"
         links = work / "inputs"
         links.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,7 @@ def run(
         "bundle": str(bundle),
         "seeds": seeds,
         "cases_per_seed": cases,
+        "juxtavascular": juxtavascular,
         "num_scans": result["num_scans"],
         "num_nodules": result["num_nodules"],
         "cpm": result["cpm"],
@@ -117,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="folder for cohorts and outputs (default: temporary)")
     parser.add_argument("--cohorts", type=Path, default=None, help="folder to make / reuse the cohorts in")
     parser.add_argument("--out", type=Path, default=None, help="JSON result file")
+    parser.add_argument(
+        "--juxtavascular", type=float, default=0.0, help="share of nodules placed against a vessel in the cohorts"
+    )
     args, extra = parser.parse_known_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     with tempfile.TemporaryDirectory(prefix="volcnn-detection-") as tmp:
         work = args.work or Path(tmp)
-        result = run(args.bundle.resolve(), seeds, args.cases, work, extra, args.cohorts)
+        result = run(args.bundle.resolve(), seeds, args.cases, work, extra, args.cohorts, args.juxtavascular)
     print(f"{result['num_scans']} scans, {result['num_nodules']} nodules: CPM {result['cpm']:.3f}")
     for rate, sens in result["sensitivities"].items():
         print(f"  {rate:>6} FP/scan  sensitivity {sens:.3f}")

@@ -261,6 +261,9 @@ def test_write_dicom_series_anisotropic(tmp_path: Path, codes: tuple[str, str, s
         {"val_fraction": 0.5, "test_fraction": 0.5},
         {"junctions": -1},
         {"junctions": True},
+        {"juxtavascular": 1.5},
+        {"juxtavascular": -0.1},
+        {"juxtavascular": True},
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
@@ -305,3 +308,65 @@ def test_sample_junctions_lie_at_branch_points_in_the_lung() -> None:
     assert len(np.unique(np.round(pts, 0), axis=0)) == len(pts)
     far = sample_junctions(ph, np.random.default_rng(0), [], 12, jitter_mm=0.0)
     assert np.linalg.norm(far[:, None, :] - starts[None], axis=2).min(axis=1).max() < 1e-3
+
+
+def _axis_distance(point: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment ``(N,)``: distance of ``point`` from the segment, and the position along it (0 at p0, 1 at p1)."""
+    d = p1 - p0
+    t = np.clip(((point - p0) * d).sum(axis=1) / np.maximum((d * d).sum(axis=1), 1e-12), 0.0, 1.0)
+    return np.linalg.norm(point - (p0 + t[:, None] * d), axis=1), t
+
+
+def test_juxtavascular_nodules_touch_a_vessel_and_leave_the_other_nodules_alone(tmp_path: Path) -> None:
+    """With a share of 1, every nodule that has room is moved so that a >= 1 mm vessel's surface lies inside it (its
+    axis between vessel radius + 0.2 and + 0.8 nodule radii away); the unmoved nodules keep their centres and a case
+    with none moved keeps its bytes."""
+    from volcnn.data.cohort import synthesize_case
+
+    spec = SIZES["small"]
+    moved = kept = 0
+    for i in range(4):
+        plain = synthesize_case(f"c{i}", f"p{i}", spec, np.random.default_rng([9, i]))
+        attached = synthesize_case(f"c{i}", f"p{i}", spec, np.random.default_rng([9, i]), juxtavascular=1.0,
+                                   attach_rng=np.random.default_rng([9, i, 1]))  # fmt: skip
+        assert len(plain.nodules) == len(attached.nodules)
+        vt = _phantom_vessels(9, i)
+        for a, b in zip(plain.nodules, attached.nodules, strict=True):
+            assert not a.juxtavascular
+            if not b.juxtavascular:
+                assert b.center == a.center
+                kept += 1
+                continue
+            moved += 1
+            assert (b.diameter_mm, b.texture, b.malignant) == (a.diameter_mm, a.texture, a.malignant)
+            dist, t = _axis_distance(np.asarray(b.center), vt.p0, vt.p1)
+            vessel_r = vt.r0 + t * (vt.r1 - vt.r0)
+            touching = (dist >= vessel_r + 0.2 * b.radius - 1e-2) & (dist <= vessel_r + 0.8 * b.radius + 1e-2)
+            assert (touching & (0.5 * (vt.r0 + vt.r1) >= 1.0)).any(), f"case {i}: a moved nodule touches no vessel"
+        if not any(n.juxtavascular for n in attached.nodules):
+            assert np.array_equal(plain.image, attached.image)
+    assert moved >= 3 and moved > kept
+
+
+def _phantom_vessels(seed: int, i: int):  # noqa: ANN202 - a VesselTree
+    """The vessel tree of :func:`synthesize_case`'s phantom for ``default_rng([seed, i])``."""
+    from volcnn.data.cohort import sample_geometry
+    from volcnn.data.phantom import build_phantom
+
+    rng = np.random.default_rng([seed, i])
+    return build_phantom(sample_geometry(rng, SIZES["small"]), rng, SIZES["small"]).vessels
+
+
+def test_juxtavascular_share_in_the_cohort_tables(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    synthesize_cohort(a, cases=4, seed=4, size="tiny", negatives=4)
+    summary = synthesize_cohort(b, cases=4, seed=4, size="tiny", negatives=4, juxtavascular=0.5)
+    plain, attached = _rows(a / "nodules.csv"), _rows(b / "nodules.csv")
+    assert {r["juxtavascular"] for r in plain} == {"0"}
+    flagged = [r for r in attached if r["juxtavascular"] == "1"]
+    assert 0 < len(flagged) < len(attached)
+    for r, q in zip(plain, attached, strict=True):  # an unflagged nodule keeps its centre
+        if q["juxtavascular"] == "0":
+            assert (r["x_ras"], r["y_ras"], r["z_ras"]) == (q["x_ras"], q["y_ras"], q["z_ras"])
+    assert summary["juxtavascular"] == 0.5
+    assert json.loads((b / "cohort.json").read_text())["juxtavascular"] == 0.5

@@ -22,6 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negatives", type=int, default=None, help="negative candidates per case (default: by size)")
     p.add_argument("--junctions", type=int, default=0, help="more negative candidates per case at vessel branch points")
     p.add_argument(
+        "--juxtavascular",
+        type=float,
+        default=0.0,
+        help="share of nodules placed against a pulmonary vessel that runs into them (0-1); other nodules, "
+        "candidates and voxels stay as with 0",
+    )
+    p.add_argument(
         "--clinical",
         action="store_true",
         help="give patients clinical features (datalist_malignancy.json, clinical.csv) and draw nodule malignancy "
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             negatives=args.negatives,
             junctions=args.junctions,
             clinical=args.clinical,
+            juxtavascular=args.juxtavascular,
         )
     except ValueError as e:  # an invalid setting
         raise UsageError(str(e)) from e

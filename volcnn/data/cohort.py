@@ -69,6 +69,10 @@ class SyntheticCase:
     candidates: list[tuple[tuple[float, float, float], int, str]]
 
 
+#: entropy that separates the vessel-attachment draws of a case from its other draws
+_ATTACH_STREAM = 0x7A5C
+
+
 def sample_geometry(rng: np.random.Generator, spec: SizeSpec, orientation: str = "RAS") -> CaseGeometry:
     """Draw matrix, spacing (multiples of 1/256 mm) and a scanner-like origin (multiples of 1/64 mm)."""
     n = int(rng.choice(spec.matrix))
@@ -139,16 +143,20 @@ def synthesize_case(
     rng: np.random.Generator,
     orientation: str = "RAS",
     junctions: int = 0,
+    juxtavascular: float = 0.0,
+    attach_rng: np.random.Generator | None = None,
 ) -> SyntheticCase:
     """Generate one case in memory: geometry, anatomy, nodules, candidates, scanner model, orientation.
 
     ``junctions`` adds that many negatives at vessel branch points; the image does not depend on it.
+    ``juxtavascular`` is the share of nodules moved against a vessel, drawn from ``attach_rng``
+    (see :func:`~volcnn.data.nodules.place_nodules`).
     """
     geom = sample_geometry(rng, spec, orientation)
     ph = build_phantom(geom, rng, spec)
     n_nod = int(rng.choice(len(_NODULE_COUNT_P), p=_NODULE_COUNT_P))
     drawn = [sample_nodule(rng, bool(rng.random() < _MALIGNANT_P), spec.nodule_mm) for _ in range(n_nod)]
-    nodules = place_nodules(ph, rng, drawn)
+    nodules = place_nodules(ph, rng, drawn, juxtavascular=juxtavascular, attach_rng=attach_rng)
     n_negatives = int(rng.integers(spec.negatives[0], spec.negatives[1] + 1))
     candidates = sample_candidates(ph, rng, nodules, n_negatives, n_junctions=junctions)
     canonical = acquire(ph.volume, rng).T  # (X, Y, Z) RAS, Fortran order
@@ -212,6 +220,7 @@ def synthesize_cohort(
     negatives: int | None = None,
     junctions: int = 0,
     clinical: bool = False,
+    juxtavascular: float = 0.0,
 ) -> dict[str, Any]:
     """Generate a synthetic chest-CT cohort with nodules, LUNA16 CSVs and MONAI datalists.
 
@@ -241,6 +250,9 @@ def synthesize_cohort(
             carries the features, ``clinical.csv`` holds them per case, ``nodules.csv`` adds the risk and the class
             the nodule was drawn as (``appearance_malignant``) and ``cohort.json`` the model and its oracle AUCs.
             The images are the same with or without it (its draws come from a generator of their own).
+        juxtavascular: share of nodules placed against a pulmonary vessel that runs into them (``juxtavascular``
+            in ``nodules.csv``), in [0, 1]. Their draws come from a generator of their own: every other nodule,
+            candidate and voxel is the same as with 0, the default.
 
     Returns:
         The summary (JSON-able): ``out_dir``, ``cases``, ``seed``, ``size``, per-split counts of cases,
@@ -258,6 +270,8 @@ def synthesize_cohort(
         spec = dataclasses.replace(spec, negatives=(negatives, negatives))
     if isinstance(junctions, bool) or not isinstance(junctions, int) or junctions < 0:
         raise ValueError(f"junctions must be an integer >= 0, got {junctions!r}")
+    if isinstance(juxtavascular, bool) or not isinstance(juxtavascular, int | float) or not 0 <= juxtavascular <= 1:
+        raise ValueError(f"juxtavascular must be a share in [0, 1], got {juxtavascular!r}")
     out = Path(out_dir)
     width = max(3, len(str(cases - 1)))
     ids = [(f"case_{i:0{width}d}", f"p{i:0{width}d}") for i in range(cases)]
@@ -270,8 +284,16 @@ def synthesize_cohort(
     records: list[_Record] = []
     for i in iterator:
         case_id, patient = ids[i]
+        attach = np.random.default_rng([seed, i, _ATTACH_STREAM])
         case = synthesize_case(
-            case_id, patient, spec, np.random.default_rng([seed, i]), orients[i % len(orients)], junctions
+            case_id,
+            patient,
+            spec,
+            np.random.default_rng([seed, i]),
+            orients[i % len(orients)],
+            junctions,
+            juxtavascular=float(juxtavascular),
+            attach_rng=attach,
         )
         atomic_write_bytes(out / "images" / f"{case_id}.nii.gz", nifti_gz_bytes(case.image, case.affine))
         if dicom:
@@ -303,6 +325,7 @@ def synthesize_cohort(
         "dicom": dicom,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
+        "juxtavascular": float(juxtavascular),
         "splits": {s: _counts([r for r in records if r.split == s]) for s in SPLITS},
         "files": _write_tables(out, records, f"volcnn synthetic chest CT (seed {seed}, size {size})", dicom, clinical),
         "case_list": [
@@ -406,6 +429,7 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool, cli
             n.texture,
             int(n.malignant),
             int(n.calcified),
+            int(n.juxtavascular),
             *([] if r.clinical is None else [int(r.appearance[k]), f"{r.clinical.risks[k]:.4f}"]),
         ]
         for r in records
@@ -414,6 +438,7 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool, cli
     atomic_write_bytes(out / "annotations.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann))
     atomic_write_bytes(out / "candidates.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "class"], cand))
     header = ["case", "patient", "split", "x_ras", "y_ras", "z_ras", "diameter_mm", "texture", "malignant", "calcified"]
+    header += ["juxtavascular"]
     if clinical:
         header += ["appearance_malignant", "risk"]
     atomic_write_bytes(out / "nodules.csv", _csv(header, nods))

@@ -49,6 +49,7 @@ class Nodule:
         calc_fraction: radius of the central calcification / radius (1.0: diffuse).
         lobes: ``(M, 5)`` rows of (direction xyz, amplitude, concentration) of surface bumps.
         spikes: ``(S, 5)`` rows of (direction xyz, length mm, base radius mm).
+        juxtavascular: placed against a pulmonary vessel, which runs into it (see :func:`place_nodules`).
     """
 
     center: tuple[float, float, float]
@@ -63,6 +64,7 @@ class Nodule:
     calc_fraction: float = 0.5
     lobes: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
     spikes: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
+    juxtavascular: bool = False
 
     @property
     def radius(self) -> float:
@@ -199,22 +201,38 @@ def _fits(ph: Phantom, center: np.ndarray, radius: float, min_inside: float) -> 
     return bool(half.all() and shell.mean() >= min_inside)
 
 
-def place_nodules(ph: Phantom, rng: np.random.Generator, nodules: list[Nodule], tries: int = 400) -> list[Nodule]:
+def place_nodules(
+    ph: Phantom,
+    rng: np.random.Generator,
+    nodules: list[Nodule],
+    tries: int = 400,
+    juxtavascular: float = 0.0,
+    attach_rng: np.random.Generator | None = None,
+) -> list[Nodule]:
     """Give each nodule a centre in the lungs, apart from the others, and render it.
 
     Most nodules are fully inside the lung; about 15% may touch the pleura (juxta-pleural). A nodule
     that does not fit after ``tries`` proposals is shrunk by 20% and tried again (up to 3 times), then
-    dropped with a warning.
+    dropped with a warning. Then each nodule is, with probability ``juxtavascular``, moved against a pulmonary
+    vessel (see :func:`_attach_to_vessel`): the vessel-attached nodules that LIDC-IDRI holds many of and that whole-CT
+    detectors miss most, because their outline merges with the vessel's. Those draws come from ``attach_rng``, so a
+    nodule that stays where it was has the same centre, and the image the same voxels, whatever the share.
 
     Args:
         ph: phantom to paint into.
         rng: random generator.
         nodules: nodules from :func:`sample_nodule`.
         tries: proposals per attempt.
+        juxtavascular: share of nodules moved against a vessel, in [0, 1].
+        attach_rng: generator of those draws (required when ``juxtavascular`` > 0).
 
     Returns:
         The placed nodules, with their exact RAS centres (3-decimal floats).
     """
+    if not 0.0 <= juxtavascular <= 1.0:
+        raise ValueError(f"juxtavascular must be a share in [0, 1], got {juxtavascular!r}")
+    if juxtavascular > 0 and attach_rng is None:
+        raise ValueError("juxtavascular > 0 needs attach_rng")
     lung_idx = np.argwhere(ph.lung[:: max(1, ph.lung.shape[0] // 64)].any(axis=0))  # (y, x) columns with lung
     zs = np.flatnonzero(ph.lung.any(axis=(1, 2)))
     if len(lung_idx) == 0 or len(zs) == 0:
@@ -246,9 +264,56 @@ def place_nodules(ph: Phantom, rng: np.random.Generator, nodules: list[Nodule], 
         if not done:
             logger.warning("could not place a %.1f mm nodule; dropped", nod.diameter_mm)
             continue
-        render_nodule(ph, cur)
         placed.append(cur)
+    if juxtavascular > 0 and attach_rng is not None:
+        for i, nod in enumerate(placed):
+            if attach_rng.random() < juxtavascular:
+                others = placed[:i] + placed[i + 1 :]
+                placed[i] = _attach_to_vessel(ph, attach_rng, nod, others, tries) or nod
+    for nod in placed:
+        render_nodule(ph, nod)
     return placed
+
+
+def _attach_to_vessel(
+    ph: Phantom, rng: np.random.Generator, nod: Nodule, others: list[Nodule], tries: int
+) -> Nodule | None:
+    """``nod`` moved so that a pulmonary vessel runs into it, or ``None`` when no vessel has room for it.
+
+    A segment is drawn with probability proportional to its radius among those at least 1 mm thick (hilar and
+    segmental vessels; the thin peripheral ones barely mark a nodule), a point on its middle 60%, and a direction
+    perpendicular to it; the centre lies (vessel radius + 0.2-0.8 nodule radius) from the axis, so the vessel's edge
+    sinks into the nodule. The nodule must fit inside the lung as at first placement and stay 5 mm clear of the
+    other nodules.
+    """
+    vt = ph.vessels
+    radius = 0.5 * (vt.r0 + vt.r1)
+    pool = np.flatnonzero(radius >= 1.0)
+    if not len(pool):
+        return None
+    weights = radius[pool] / radius[pool].sum()
+    edge = min(ph.geometry.spacing)
+    for _ in range(tries):
+        k = int(rng.choice(pool, p=weights))
+        axis = vt.p1[k] - vt.p0[k]
+        length = float(np.linalg.norm(axis))
+        if length < 1e-6:
+            continue
+        axis /= length
+        t = rng.uniform(0.2, 0.8)
+        on_axis = vt.p0[k] + t * length * axis
+        side = _unit(rng, 1)[0]
+        side -= side.dot(axis) * axis
+        if np.linalg.norm(side) < 1e-3:
+            continue
+        side /= np.linalg.norm(side)
+        vessel_r = vt.r0[k] + t * (vt.r1[k] - vt.r0[k])
+        cand = np.round(on_axis + side * (vessel_r + nod.radius * rng.uniform(0.2, 0.8)), 3)
+        if any(np.linalg.norm(cand - np.array(o.center)) < nod.radius + o.radius + 5.0 for o in others):
+            continue
+        if _fits(ph, cand, nod.radius + edge, 1.0):
+            return replace(nod, center=_tuple(cand), juxtavascular=True)
+    return None
 
 
 def _far(points: np.ndarray, nodules: list[Nodule], margin: float) -> np.ndarray:
