@@ -99,3 +99,68 @@ def test_features_csv_for_an_image_bundle_is_a_usage_error(cohort, tmp_path):
     assert main([*args, str(image)]) == 2
     with pytest.raises(UsageError, match="takes no clinical features"):
         infer(str(tmp_path / "bundle"), str(tmp_path / "o"), [str(image)], features=str(csv), device="cpu")
+
+
+def test_packaged_fusion_bundle_passes_every_offline_check(fusion_bundle):
+    from volcnn.bundle import verify_bundle
+
+    results = {r.name: r for r in verify_bundle(fusion_bundle)}
+    assert all(r.status == "pass" for r in results.values()), {k: (r.status, r.detail) for k, r in results.items()}
+    assert "(image, features)" in results["export"].detail
+
+
+@pytest.fixture(scope="module")
+def exported_fusion(fusion_bundle, tmp_path_factory) -> Path:
+    import shutil
+
+    root = tmp_path_factory.mktemp("mm_export") / "bundle"
+    shutil.copytree(fusion_bundle, root)
+    assert main(["export", "--bundle", str(root)]) == 0
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["ts", "onnx"])
+def test_exported_fusion_model_equals_eager_with_missing_values(exported_fusion, fmt):
+    """The exported graph takes (image, raw features) and imputes NaN as the eager network does (its training
+    means travel inside it); it refuses to run without the features or with the wrong width, naming the file."""
+    from volcnn.bundle.export import example_inputs
+    from volcnn.models import load_exported
+    from volcnn.models.bundle_config import load_bundle_network
+
+    eager, description, _ = load_bundle_network(exported_fusion, exported_fusion / "models" / "model.pt", "cpu")
+    model, settings = load_exported(exported_fusion / "models" / f"model.{fmt}")
+    assert [d["name"] for d in settings["features"]] == list(DECL)
+    image, feats = example_inputs(description, batch=4, seed=3)
+    assert torch.isnan(feats).any() and torch.isnan(feats[-1]).all() and not torch.isnan(feats[0]).all()
+    with torch.no_grad():
+        want = torch.softmax(eager.eval()(image, feats), dim=1)
+        got = torch.softmax(model(image, features=feats), dim=1)
+        one_row = torch.softmax(model(image, features=feats[:1]), dim=1)  # one case's features for all its windows
+        assert torch.allclose(one_row, torch.softmax(eager(image, feats[:1].expand(4, -1)), dim=1), atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5)
+    other = feats.clone()
+    other[:, 0] = 90.0  # another age changes the answer: the features reach the graph
+    with torch.no_grad():  # logits: the tiny model's probabilities saturate
+        assert not torch.allclose(model(image, features=other), model(image, features=feats), atol=1e-3)
+    name = f"model.{fmt}"
+    with pytest.raises(ValueError, match=f"{name}.*takes clinical features"):
+        model(image)
+    with pytest.raises(ValueError, match=f"{name}.*features \\(B, 2\\)"):
+        model(image, features=feats[:, :1])
+
+
+def test_infer_with_the_exported_model_and_a_features_csv(exported_fusion, cohort, tmp_path):
+    """``volcnn infer --model model.ts --features CSV`` gives the probabilities of ``--bundle`` with the same CSV
+    (both window by window)."""
+    image = sorted((cohort / "images").glob("*.nii.gz"))[0]
+    case = image.name.split(".")[0]
+    csv = tmp_path / "f.csv"
+    csv.write_text(f"case,age,smoker\n{case},72,1\n")
+    common = ["--device", "cpu", "--stride-mm", "8", "--features", str(csv), "--heatmap-method", "window"]
+    model = exported_fusion / "models" / "model.ts"
+    assert main(["infer", "--model", str(model), *common, "--out", str(tmp_path / "ts"), str(image)]) == 0
+    assert main(["infer", "--bundle", str(exported_fusion), *common, "--out", str(tmp_path / "b"), str(image)]) == 0
+    ts, eager = (json.loads((tmp_path / k / case / "findings.json").read_text()) for k in ("ts", "b"))
+    assert ts["features"]["provided"] == ["age", "smoker"]
+    assert ts["max_probability"] == pytest.approx(eager["max_probability"], abs=1e-4)
+    assert ts["score"] == pytest.approx(eager["score"], abs=1e-4)

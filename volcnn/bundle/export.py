@@ -11,6 +11,12 @@ network, bundle version, sha256 of the source ``model.pt``); see :mod:`volcnn.mo
   (input ``image``, output ``logits``), exported by torch's dynamo exporter or, where that fails, by the
   TorchScript-based one. The description, ``metadata.json`` and ``inference.json`` are ``metadata_props``.
 
+A network that takes clinical features (``modality`` ``clinical`` or ``fusion``) has a second input, ``features``
+``(B, F)``: the raw encoding of :meth:`~volcnn.io.features.FeatureSpec.encode`, NaN where a value is missing (the
+network imputes and standardises with the training statistics it holds as buffers). Its TorchScript file is
+scripted, or traced on example inputs, by :func:`torch.jit.script` / :func:`torch.jit.trace` here (MONAI's
+``ckpt_export`` traces one input only), with the same extra files.
+
 Every file is written to a temporary name, loaded back and compared with the eager network (softmax
 probabilities within ``atol`` on a random batch in [0, 1]) before it replaces the previous export.
 
@@ -33,11 +39,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from volcnn.core.atomic import atomic_path, atomic_write_json
 from volcnn.core.hashing import sha256_file
+from volcnn.io.features import parse_feature_spec
 from volcnn.models.bundle_config import CONFIG_FILE, META_FILE, bundle_overrides, load_bundle_network
 from volcnn.models.exported import METADATA_KEY, load_exported
 from volcnn.models.weights import weights_key
@@ -85,14 +93,42 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _check_parity(path: Path, network: nn.Module, description: dict[str, Any], atol: float) -> float:
-    """Max |softmax(eager) - softmax(exported)| on a random batch of 2; raises ValueError beyond ``atol``."""
+def example_inputs(description: dict[str, Any], batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs of the described network for tracing and parity checks: ``(image,)`` with ``image`` ``(batch, C,
+    *patch_size)`` uniform in [0, 1], plus, for a network taking clinical features, their raw encoding ``(batch,
+    F)``: each row a valid value of every feature (numerics spread over their declared range, or 0-100), each
+    feature missing (NaN) in some rows, and the last row all missing."""
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, int(description["in_channels"]), *description["patch_size"], generator=gen)
+    if description.get("features") is None:
+        return (image,)
+    spec = parse_feature_spec(description["features"], "description")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in range(batch):
+        values: dict[str, Any] = {}
+        for k, d in enumerate(spec.decls):
+            if b == batch - 1 or (b + k) % 3 == 2:
+                continue  # missing
+            if d.type == "numeric":
+                lo = 0.0 if d.min is None else float(d.min)
+                hi = lo + 100.0 if d.max is None else float(d.max)
+                values[d.name] = float(rng.uniform(lo, hi))
+            elif d.type == "binary":
+                values[d.name] = int(rng.integers(0, 2))
+            else:
+                values[d.name] = d.values[int(rng.integers(0, len(d.values)))]
+        rows.append(spec.encode(values, f"example row {b}"))
+    return image, torch.from_numpy(np.stack(rows))
+
+
+def check_parity(path: Path, network: nn.Module, description: dict[str, Any], atol: float) -> float:
+    """Max |softmax(eager) - softmax(exported)| on a random batch of 3; raises ValueError beyond ``atol``."""
     exported, _ = load_exported(path)
-    shape = (2, int(description["in_channels"]), *description["patch_size"])
-    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    inputs = example_inputs(description, batch=3)
     with torch.inference_mode():
-        p_ref = torch.softmax(network.eval()(x).float(), dim=1)
-        p_exp = torch.softmax(exported(x).float(), dim=1)
+        p_ref = torch.softmax(network.eval()(*inputs).float(), dim=1)
+        p_exp = torch.softmax(exported(*inputs).float(), dim=1)
     if p_exp.shape != p_ref.shape:
         raise ValueError(f"{path}: exported output shape {tuple(p_exp.shape)}, eager {tuple(p_ref.shape)}")
     diff = float((p_ref - p_exp).abs().max())
@@ -121,6 +157,8 @@ def export_torchscript(
     from monai.bundle import ckpt_export
 
     meta: dict[str, Any] = json.loads((bundle_dir / "configs" / META_FILE).read_text(encoding="utf-8"))
+    if description.get("features") is not None:
+        return _torchscript_with_features(bundle_dir, ckpt, dest, description, meta, net_id=net_id)
     with tempfile.TemporaryDirectory(prefix="volcnn-export-") as tmp:
         meta_file = Path(tmp) / META_FILE  # the bundle's metadata with the description: ckpt_export stores it as is
 
@@ -154,6 +192,28 @@ def export_torchscript(
     return "script"
 
 
+def _torchscript_with_features(
+    bundle_dir: Path, ckpt: Path, dest: Path, description: dict[str, Any], meta: dict[str, Any], *, net_id: str
+) -> str:
+    """:func:`export_torchscript` of a network ``(image, features)``: scripted, else traced on
+    :func:`example_inputs`; saved with the ``metadata.json`` (description under ``"volcnn"``) and ``inference.json``
+    extra files that ``ckpt_export`` writes."""
+    network, _, _ = load_bundle_network(bundle_dir, ckpt, "cpu", net_id=net_id)
+    network = network.eval()
+    config = (bundle_dir / "configs" / CONFIG_FILE).read_text(encoding="utf-8")
+    try:
+        module, how = torch.jit.script(network), "script"
+    except Exception as err:
+        logger.warning("torch.jit.script failed (%s); tracing on example inputs", _first_line(err))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks frozen: the loader checks shapes
+            module, how = torch.jit.trace(network, example_inputs(description), check_trace=False), "trace"
+    exporter = f"torchscript-{how}"
+    extra = {META_FILE: json.dumps({**meta, METADATA_KEY: {**description, "exporter": exporter}}), CONFIG_FILE: config}
+    torch.jit.save(module, str(dest), _extra_files=extra)
+    return how
+
+
 def export_onnx(
     network: nn.Module,
     dest: Path,
@@ -169,7 +229,8 @@ def export_onnx(
     TorchScript-based exporter (``dynamo=False``) is used, and the warning says why.
 
     Args:
-        network: ``(B, C, *patch_size)`` -> logits ``(B, K)``.
+        network: ``(B, C, *patch_size)`` -> logits ``(B, K)``; or ``(image, features (B, F))`` -> logits when
+            ``description`` declares ``features`` (ONNX inputs ``image`` and ``features``).
         dest: the ``.onnx`` file (written in place; the caller makes it atomic).
         description: stored as JSON under ``metadata_props["volcnn"]``, with ``exporter`` and ``opset`` added.
         config: the bundle's inference config, stored as ``metadata_props["inference.json"]``.
@@ -184,18 +245,20 @@ def export_onnx(
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     network = network.eval().cpu()
-    x = torch.rand(2, int(description["in_channels"]), *description["patch_size"])  # batch 2: not specialised to 1
+    inputs = example_inputs(description, batch=2)  # batch 2: not specialised to 1
+    names = ["image", "features"][: len(inputs)]
+    batch = torch.export.Dim("batch", min=1)
     exporter = "dynamo"
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
                 network,
-                (x,),
-                input_names=["image"],
+                inputs,
+                input_names=names,
                 output_names=["logits"],
                 opset_version=opset,
                 dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                dynamic_shapes=tuple({0: batch} for _ in inputs),
                 verbose=False,
             )
         if program is None:
@@ -208,13 +271,13 @@ def export_onnx(
             warnings.simplefilter("ignore")  # its deprecation notice, and TracerWarnings about shape checks
             torch.onnx.export(
                 network,
-                (x,),
+                inputs,
                 str(dest),
-                input_names=["image"],
+                input_names=names,
                 output_names=["logits"],
                 opset_version=opset,
                 dynamo=False,
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
                 do_constant_folding=True,
             )
         model = onnx.load_model(str(dest))
@@ -295,7 +358,7 @@ def export_bundle(
         start = time.perf_counter()
         with atomic_path(dest) as tmp:
             how = writers[fmt](tmp)
-            diff = _check_parity(tmp, network, description, atol)
+            diff = check_parity(tmp, network, description, atol)
         logger.info(
             "exported %s to %s (%s, %.1f s, %.1f MB); max |p_eager - p_%s| = %.1e",
             *(ckpt_path.name, dest, how, time.perf_counter() - start, dest.stat().st_size / 1e6, fmt, diff),

@@ -283,7 +283,7 @@ def check_export(
     config = root / _CONFIG if config_file is None else Path(config_file)
     meta = root / _META
     if _features_of(config) is not None:
-        raise _NotApplicable("a clinical or fusion network takes two inputs; its export is not supported yet")
+        return _check_export_with_features(root, net_id, filepath, atol)
     in_ch, spatial, out_ch = _io_spec(meta)
     parser = bundle_parser(root, config, device="cpu")
     net = parser.get_parsed_content(net_id, instantiate=True)
@@ -330,6 +330,31 @@ def check_export(
             raise ValueError(f"TorchScript output differs from eager by {diff:.3g} > atol {atol:g}")
         where = "temporary model.ts" if source.startswith("fresh") else str(target)
     return f"{source} {how} to {where}; max |eager - ts| = {diff:.2e} <= {atol:g}"
+
+
+def _check_export_with_features(root: Path, net_id: str, filepath: str | os.PathLike[str] | None, atol: float) -> str:
+    """:func:`check_export` of a network ``(image, features)``, through :mod:`volcnn.bundle.export` (MONAI's
+    ``ckpt_export`` traces a single input): scripted or traced, loaded back and compared on
+    :func:`~volcnn.bundle.export.example_inputs` (features partly and wholly missing)."""
+    from volcnn.bundle.export import check_parity, export_torchscript
+    from volcnn.core.atomic import atomic_path
+    from volcnn.models.bundle_config import load_bundle_network
+
+    with tempfile.TemporaryDirectory(prefix="volcnn-export-") as tmp:
+        ckpt = root / "models" / "model.pt"
+        if ckpt.is_file():
+            target, source = (root / "models" / "model.ts" if filepath is None else Path(filepath)), str(ckpt.name)
+        else:
+            net = bundle_parser(root, root / _CONFIG, device="cpu").get_parsed_content(net_id, instantiate=True)
+            ckpt, target, source = Path(tmp) / "model.pt", Path(tmp) / "model.ts", "fresh weights (no models/model.pt)"
+            torch.save(net.state_dict(), ckpt)
+        network, description, _ = load_bundle_network(root, ckpt, "cpu", net_id=net_id)
+        with atomic_path(target) as part:  # a failed check leaves the previous model.ts
+            how = export_torchscript(root, ckpt, part, description, net_id=net_id, input_shape=[])
+            diff = check_parity(part, network, description, atol)
+        where = "temporary model.ts" if source.startswith("fresh") else str(target)
+    how = {"script": "scripted", "trace": "traced"}.get(how, how)
+    return f"{source} (image, features) {how} to {where}; max |p_eager - p_ts| = {diff:.2e} <= {atol:g}"
 
 
 def verify_bundle(

@@ -8,6 +8,7 @@ that the config's paths resolve from any working directory.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -126,12 +127,14 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
     Returns:
         ``{"description_version", "patch_size", "pixdim", "intensity", "hu_window", "in_channels", "num_classes",
         "class_names", "network_def", "ensemble", "bundle_name", "bundle_version", "output", "mode", "margin",
-        "findings"}`` (plain JSON types); ``intensity`` is the config's intensity setting (default ``hu``);
-        ``ensemble`` its number of members (default 1: one network); ``mode`` is the config's ``mode`` (default
-        ``candidate``), ``margin`` its ``margin`` (default 8, as ``train.json``), which volume mode's preprocessing
-        takes; ``findings`` the config's
-        :data:`FINDING_KEYS` it sets and ``calibration`` (the dict of ``calibration_file``, None without one), so an
-        exported model reports the findings the bundle does.
+        "modality", "features", "findings"}`` (plain JSON types); ``intensity`` is the config's intensity
+        setting (default ``hu``); ``ensemble`` its number of members (default 1: one network); ``mode`` is the
+        config's ``mode`` (default ``candidate``), ``margin`` its ``margin`` (default 8, as ``train.json``),
+        which volume mode's preprocessing takes; ``modality`` (``image``, ``clinical`` or ``fusion``) and
+        ``features``, the ordered declaration of the clinical features the network takes besides the image (None
+        for an image network); ``findings`` the config's :data:`FINDING_KEYS` it sets and ``calibration`` (the
+        dict of ``calibration_file``, None without one), so an exported model reports the findings the bundle
+        does.
 
     Raises:
         KeyError: when the config has no ``patch_size``.
@@ -165,11 +168,18 @@ def describe_bundle(parser: Any) -> dict[str, Any]:
         "output": "logits",
         "mode": check_mode(get("mode", INFERENCE_MODES[0]), "config key 'mode'"),
         "margin": int(get("margin", 8)),
+        "modality": str(get("modality", "image")),
+        "features": _plain(get("features")),
         "findings": {
             **{k: get(k) for k in FINDING_KEYS if get(k) is not None},
             "calibration": _calibration_dict(get("calibration_file")),
         },
     }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` (a parsed config list / dict, possibly of MONAI's config item types) as plain JSON types."""
+    return None if value is None else json.loads(json.dumps(value))
 
 
 def _calibration_dict(path: Any) -> dict[str, Any] | None:

@@ -18,6 +18,10 @@ the model::
     >>> net, settings = load_exported("bundle/models/model.onnx")  # doctest: +SKIP
     >>> runner = InferenceRunner(net, **settings, stride_mm=8.0)  # doctest: +SKIP
 
+A model trained with clinical features (``modality`` ``clinical`` or ``fusion``) takes them as a second input, the
+raw encoding ``(B, C)`` of :meth:`~volcnn.io.features.FeatureSpec.encode` (NaN where missing); its description holds
+their declaration under ``features``, and the settings pass it on, so the runner gives each case its values.
+
 A ``.ts`` or ``.onnx`` module is opaque (it cannot be split into a feature extractor and a head), so whole-volume
 inference of a candidate-mode model runs it window by window; a volume-mode model runs once per volume either way.
 """
@@ -37,6 +41,7 @@ from torch import nn
 
 from volcnn.core.errors import VolcnnError
 from volcnn.core.hashing import sha256_file
+from volcnn.io.features import FeatureError, parse_feature_spec
 from volcnn.models.bundle_config import (
     CONFIG_FILE,
     INFERENCE_MODES,
@@ -55,6 +60,7 @@ __all__ = [
     "ExportedModel",
     "ExportedModelError",
     "OnnxModel",
+    "feature_columns",
     "TorchScriptModel",
     "load_exported",
     "read_description",
@@ -133,7 +139,10 @@ def _settings(path: Path, description: Mapping[str, Any], sha256: str) -> dict[s
     except ValueError as e:
         raise ExportedModelError(f"{path}: embedded settings: {e}") from e
     info = {"name": description.get("bundle_name"), "version": description.get("bundle_version"), "sha256": sha256}
+    feature_columns(path, description)  # a bad embedded declaration is refused here, naming the file
+    extra = {} if description.get("features") is None else {"features": description["features"]}
     return {
+        **extra,
         "patch_size": patch,
         "pixdim": pixdim,
         "intensity": intensity,
@@ -154,13 +163,26 @@ def _finding_settings(path: Path, description: Mapping[str, Any]) -> dict[str, A
     return {("flips" if k == "tta_flips" else k): v for k, v in findings.items() if v is not None}
 
 
+def feature_columns(path: Path, description: Mapping[str, Any]) -> int:
+    """C, the width of the raw clinical features the described network takes besides the image; 0 for none."""
+    declared = description.get("features")
+    if declared is None:
+        return 0
+    try:
+        return parse_feature_spec(declared, f"{path}: embedded features").n_columns
+    except FeatureError as e:
+        raise ExportedModelError(str(e)) from e
+
+
 class ExportedModel(nn.Module):
-    """An exported classifier ``(B, C, *patch_size)`` -> logits ``(B, K)`` that checks its input shape.
+    """An exported classifier ``(B, C, *patch_size)`` [, features ``(B, F)``] -> logits ``(B, K)`` that checks its
+    inputs.
 
     Attributes:
         path: the file it was loaded from.
         description: the embedded description (see :func:`~volcnn.models.bundle_config.describe_bundle`).
         input_shape: ``(C, *patch_size)``, the shape every sample must have.
+        feature_columns: F, the width of the raw clinical features it takes (0: an image network).
     """
 
     def __init__(self, path: Path, description: Mapping[str, Any]) -> None:
@@ -169,24 +191,40 @@ class ExportedModel(nn.Module):
         self.description = dict(description)
         channels = int(self.description.get("in_channels", 1))
         self.input_shape = (channels, *(int(p) for p in self.description["patch_size"]))
+        self.feature_columns = feature_columns(self.path, self.description)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *patch_size)`` -> logits ``(B, K)``.
+    def forward(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C, *patch_size)`` [and raw features ``(B, F)`` or ``(1, F)``, NaN where missing] -> logits ``(B, K)``.
 
         Raises:
-            ValueError: naming the file when ``x`` does not have the exported input shape.
+            ValueError: naming the file when ``x`` does not have the exported input shape, or when features are
+                missing, unwanted or of the wrong width.
         """
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"{self.path}: the model takes input (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
             )
-        return self._run(x)
+        if not self.feature_columns:
+            if features is not None:
+                raise ValueError(f"{self.path}: the model takes no clinical features")
+            return self._run(x, None)
+        if features is None:
+            raise ValueError(f"{self.path}: the model takes clinical features (B, {self.feature_columns}) too")
+        if features.ndim == 1:
+            features = features[None]
+        if features.ndim != 2 or features.shape[1] != self.feature_columns or features.shape[0] not in (1, len(x)):
+            raise ValueError(
+                f"{self.path}: the model takes features (B, {self.feature_columns}), got {tuple(features.shape)} "
+                f"for {len(x)} images"
+            )
+        return self._run(x, features.to(x.device, torch.float32).expand(len(x), -1).contiguous())
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, input_shape={self.input_shape}"
+        extra = f", feature_columns={self.feature_columns}" if self.feature_columns else ""
+        return f"path={str(self.path)!r}, input_shape={self.input_shape}{extra}"
 
 
 class TorchScriptModel(ExportedModel):
@@ -196,8 +234,8 @@ class TorchScriptModel(ExportedModel):
         super().__init__(path, description)
         self.module = module
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.module(x)
+    def _run(self, x: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        out: torch.Tensor = self.module(x) if features is None else self.module(x, features)
         return out
 
 
@@ -213,13 +251,20 @@ class OnnxModel(ExportedModel):
     def __init__(self, path: Path, description: Mapping[str, Any], session: Any) -> None:
         super().__init__(path, description)
         self.session = session
-        self.input_name = session.get_inputs()[0].name
+        self.input_names = [i.name for i in session.get_inputs()]
         self.output_name = session.get_outputs()[0].name
         self.providers = list(session.get_providers())
+        if len(self.input_names) != (2 if self.feature_columns else 1):
+            raise ExportedModelError(
+                f"{path}: the graph has inputs {self.input_names}; its description "
+                + ("declares clinical features (image, features)" if self.feature_columns else "an image network")
+            )
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        (out,) = self.session.run([self.output_name], {self.input_name: array})
+    def _run(self, x: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        feeds = {self.input_names[0]: np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())}
+        if features is not None:
+            feeds[self.input_names[1]] = np.ascontiguousarray(features.detach().to("cpu", torch.float32).numpy())
+        (out,) = self.session.run([self.output_name], feeds)
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
 
     def extra_repr(self) -> str:
@@ -328,7 +373,7 @@ def load_exported(
         an :class:`ExportedModel` for ``.ts`` / ``.onnx`` (opaque; checks the input shape), the bundle's eager
         network for ``.pt``. ``settings`` are the :class:`~volcnn.inference.InferenceRunner` keyword arguments
         ``patch_size``, ``pixdim``, ``hu_window``, ``mode``, ``margin`` and ``model_info`` (bundle name and version,
-        sha256 of ``path``).
+        sha256 of ``path``), and ``features`` (their declaration) for a network that takes clinical features.
 
     Raises:
         FileNotFoundError: naming ``path`` when it is missing.
