@@ -114,7 +114,17 @@ def test_packaged_crossval_is_one_bundle_whose_probability_is_the_mean_of_its_fo
     assert main(["package", str(out), "--out", str(ensemble)]) == 0
     config = json.loads((ensemble / "configs" / "inference.json").read_text())
     assert config["ensemble"] == 3 and config["network_def"] == "seed_cnn3d"
-    assert not (ensemble / "models" / "calibration.json").exists()  # the folds' calibrations fit single models
+    # calibrated on the pooled out-of-fold predictions, not on any fold's validation patients
+    from volcnn.models.calibration import fit_platt, read_calibration
+
+    with open(out / "oof_predictions.csv", newline="") as f:
+        oof = list(csv.DictReader(f))
+    want = fit_platt(np.asarray([float(r["prob"]) for r in oof]), np.asarray([int(r["label"]) for r in oof]))
+    got_cal = read_calibration(ensemble / "models" / "calibration.json")
+    assert got_cal is not None and got_cal.fitted_on == "out-of-fold" and got_cal.num_cases == len(oof)
+    assert (got_cal.a, got_cal.b) == pytest.approx((want.a, want.b), abs=1e-9)
+    folds_own = [read_calibration(out / f"fold_{i}" / "calibration.json") for i in range(3)]
+    assert all(c is None or (c.a, c.b) != (got_cal.a, got_cal.b) for c in folds_own)
     singles = []
     for fold in range(3):
         assert main(["package", str(out / f"fold_{fold}"), "--out", str(tmp_path / f"single_{fold}")]) == 0
@@ -140,6 +150,7 @@ def test_packaged_crossval_is_one_bundle_whose_probability_is_the_mean_of_its_fo
     assert main(["infer", "--bundle", str(ensemble), "--out", str(tmp_path / "inf"), "--device", "cpu", str(scan)]) == 0
     doc = json.loads((tmp_path / "inf" / scan.name.split(".")[0] / "findings.json").read_text())
     assert doc["model"]["version"] == json.loads((ensemble / "configs" / "metadata.json").read_text())["version"]
+    assert doc["calibration"]["fitted_on"] == "out-of-fold"
 
 
 def test_package_refuses_an_unfinished_crossval(cohort, tmp_path, monkeypatch):

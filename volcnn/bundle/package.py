@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from volcnn import __version__
@@ -339,8 +340,14 @@ def package_crossval(
     Every fold must be finished and trained with the same model settings. Their best weights become one state dict
     of :class:`~volcnn.networks.EnsembleClassifier` (``members.<i>.`` + each fold's keys) in ``models/model.pt``, and
     ``inference.json`` gets ``ensemble: k``, so ``volcnn infer``, the evaluate overlay and the exports run the k
-    models as one network whose probability is their mean. The folds' calibrations were fitted to single models,
-    not to the mean, so none is installed (probabilities are the ensemble's own). The rest is :func:`package_run`.
+    models as one network whose probability is their mean. The rest is :func:`package_run`.
+
+    The calibration installed (``models/calibration.json``, ``fitted_on: "out-of-fold"``) is Platt scaling fitted
+    on the pooled out-of-fold predictions (``oof_predictions.csv``: every training and validation entry scored by
+    the one fold model that never trained on it), since no entry is unseen by the ensemble itself; the test section
+    stays untouched for judging it. It describes a single fold model's probabilities, which the members' mean
+    resembles but is smoother than (:func:`_oof_calibration`). The folds' own calibrations (fitted on their
+    validation folds) are not used. Two-class models only; without enough positives or negatives none is installed.
 
     Raises:
         FileNotFoundError: ``cv_dir`` or its ``folds.json`` is missing.
@@ -380,6 +387,36 @@ def package_crossval(
         merged = scratch / "model.pt"
         with open(merged, "wb") as f:  # a file object: no temp name is written into the archive
             torch.save(state, f)
-        return _package(record, cv_dir, merged, None, source, out, inference_settings={"ensemble": k})
+        calibration = _oof_calibration(cv_dir, scratch / CALIBRATION_FILE, int(record.get("num_classes", 2)))
+        return _package(record, cv_dir, merged, calibration, source, out, inference_settings={"ensemble": k})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _oof_calibration(cv_dir: Path, dest: Path, num_classes: int) -> Path | None:
+    """Platt scaling of a crossval's pooled out-of-fold predictions (``oof_predictions.csv``: ``label``, ``prob`` of
+    class 1), written to ``dest``; None, with a warning, for a model of more than two classes or when the fit is
+    undefined (fewer than two entries of an outcome, or probabilities that fall with the outcome)."""
+    import csv
+
+    from volcnn.models.calibration import fit_platt
+
+    oof = cv_dir / "oof_predictions.csv"
+    if num_classes != 2:
+        logger.warning("%s: a %d-class ensemble gets no calibration (Platt scaling calibrates two classes)", cv_dir,
+                       num_classes)  # fmt: skip
+        return None
+    try:
+        with open(oof, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        probs = [float(r["prob"]) for r in rows]
+        labels = [int(r["label"]) for r in rows]
+        calibration = fit_platt(np.asarray(probs), np.asarray(labels), class_index=1, fitted_on="out-of-fold")
+    except (OSError, KeyError, ValueError) as e:
+        logger.warning("%s: no calibration installed: %s", oof, e)
+        return None
+    logger.info(
+        "calibration fitted on %d out-of-fold predictions (%d positive): a = %.3f, b = %.3f",
+        *(calibration.num_cases, calibration.num_positive, calibration.a, calibration.b),
+    )
+    return calibration.write(dest)
