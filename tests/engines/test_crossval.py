@@ -212,3 +212,57 @@ def test_the_evaluate_overlay_scores_a_packaged_ensemble(cohort, tmp_path):
     got, inside = _window_probabilities(ensemble, rows, cohort)
     assert inside.sum() >= 4 and expected[inside].std() > 1e-3
     np.testing.assert_allclose(got[inside], expected[inside], atol=1e-5, rtol=0)
+
+
+def _argv_devices(cohort: Path, out: Path) -> list[str]:
+    """:func:`_argv` without ``--device``: ``--devices`` names them."""
+    argv = _argv(cohort, out)
+    i = argv.index("--device")
+    return argv[:i] + argv[i + 2 :]
+
+
+def test_devices_train_the_folds_in_parallel_workers_and_the_caller_pools(cohort, tmp_path):
+    """``--devices cpu,cpu``: two worker processes, fold i on worker i mod 2, logs under O/logs; the caller pools
+    every entry once; the folds ran at the same time (their training intervals overlap)."""
+    out = tmp_path / "cv"
+    assert main([*_argv_devices(cohort, out), "--devices", "cpu,cpu"]) == 0
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert sorted(logs) == ["worker_0_cpu.log", "worker_1_cpu.log"]
+    assert "fold 0 of 3: training" in logs["worker_0_cpu.log"] and "fold 2 of 3: training" in logs["worker_0_cpu.log"]
+    assert "fold 1 of 3: training" in logs["worker_1_cpu.log"] and "fold 0 of 3" not in logs["worker_1_cpu.log"]
+    with open(out / "oof_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    data = json.loads((cohort / "datalist.json").read_text())
+    assert sorted(r["image"] for r in rows) == sorted(e["image"] for e in data["training"] + data["validation"])
+    assert json.loads((out / "cv_metrics.json").read_text())["n"] == len(rows)
+    # a fold starts by writing its datalist and ends with done.json: folds 0 and 1 ran at the same time
+    spans = {f: [(out / f"fold_{f}" / name).stat().st_mtime for name in ("datalist.json", "done.json")] for f in (0, 1)}
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA device 7")
+def test_a_failed_worker_is_named_and_a_rerun_resumes_the_rest(cohort, tmp_path, caplog):
+    out = tmp_path / "cv"
+    assert main([*_argv_devices(cohort, out), "--devices", "cpu,cuda:7"]) == 1  # no CUDA here: the second worker fails
+    assert "worker_1_cuda7.log" in caplog.text and "folds [1]" in caplog.text
+    assert (out / "fold_0" / "done.json").is_file() and (out / "fold_2" / "done.json").is_file()
+    assert not (out / "fold_1" / "done.json").exists() and not (out / "cv_metrics.json").exists()
+    assert main([*_argv_devices(cohort, out), "--devices", "cpu"]) == 0
+    assert (out / "cv_metrics.json").is_file()
+    assert "fold 0 of 3: finished earlier, skipped" in (out / "logs" / "worker_0_cpu.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra", [["--devices", "gpu0"], ["--devices", "cpu,cpu,cpu,cpu"], ["--devices", "cpu", "--device", "cpu"],
+              ["--devices", "cpu", "--folds", "1"], ["--devices", ""]],
+)  # fmt: skip
+def test_bad_devices_are_usage_errors(cohort, tmp_path, extra):
+    assert main([*_argv_devices(cohort, tmp_path / "cv"), *extra]) == 2
+    assert not (tmp_path / "cv" / "logs").exists()
+
+
+def test_fold_assignment_round_robin():
+    from volcnn.commands.crossval_workers import fold_assignment
+
+    assert fold_assignment(5, ["cuda:0", "cuda:1"]) == [[0, 2, 4], [1, 3]]
+    assert fold_assignment(3, ["cpu"]) == [[0, 1, 2]]

@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--folds", default=None, metavar="I[,J...]",
         help="run only these folds (e.g. one process per GPU); the one that finishes the last fold pools them",
     )  # fmt: skip
+    p.add_argument(
+        "--devices", default=None, metavar="D1,D2[,...]",
+        help="train the folds in parallel, one process per device (e.g. cuda:0,cuda:1; cpu,cpu on a CPU machine): "
+        "fold i runs on device i mod N; logs in O/logs/; this call pools them",
+    )  # fmt: skip
+    p.add_argument("--no-pool", action="store_true", help=argparse.SUPPRESS)  # a --devices worker: the parent pools
     p.epilog = "Other --KEY VALUE pairs override the bundle config for every fold, after --args-file."
 
 
@@ -49,6 +55,17 @@ def _args_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: an args file is a JSON object of train.json keys")
     return data
+
+
+def _devices(text: str, k: int) -> list[str]:
+    """The ``--devices`` list: ``cpu``, ``cuda`` or ``cuda:N`` entries, at most ``k`` (one fold each at least)."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in devices if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()))]
+    if not devices or bad:
+        raise UsageError(f"--devices takes cpu, cuda or cuda:N separated by commas, got {text!r}")
+    if len(devices) > k:
+        raise UsageError(f"--devices: {len(devices)} devices for {k} folds; give at most one per fold")
+    return devices
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +85,14 @@ def run(args: argparse.Namespace) -> int:
         if overrides.pop(key, None) is not None:
             raise UsageError(f"--{key} is set by volcnn crossval for each fold; use --datalist / --dataset-dir / --out")
     overrides.setdefault("bundle_root", str(bundle))
+    if args.devices is not None:
+        if args.device is not None or args.folds is not None:
+            raise UsageError("--devices assigns the folds and devices itself; drop --device / --folds")
+        from volcnn.commands.crossval_workers import run_on_devices
+
+        if not run_on_devices(args, _devices(args.devices, args.k)):
+            return 1
+        args.folds = ""  # every fold ran in a worker: only pool here
     if args.device is not None:
         overrides["device"] = f"$torch.device({args.device!r})"
     try:
@@ -76,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--folds takes fold numbers separated by commas, got {args.folds!r}") from e
     metrics = run_crossval(
         train, evaluate, args.datalist, args.out, k=args.k, seed=args.seed, dataset_dir=args.dataset_dir,
-        overrides=overrides, only=only,
+        overrides=overrides, only=only, pool=not args.no_pool,
     )  # fmt: skip
+    if args.no_pool:
+        return 0
     if "pending" in metrics:
         print(f"folds {metrics['pending']} are not finished yet; the pooled figures come when they are")
         return 0

@@ -79,6 +79,7 @@ def run_crossval(
     dataset_dir: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     only: Sequence[int] | None = None,
+    pool: bool = True,
 ) -> dict[str, Any]:
     """Draw the folds, train and evaluate each (skipping finished ones), pool the out-of-fold predictions.
 
@@ -95,9 +96,12 @@ def run_crossval(
         dataset_dir: folder the image paths are relative to (default: the datalist's folder).
         overrides: train.json overrides for every fold (``plan.json``'s settings, device, epochs...).
         only: the folds this call runs (default: all).
+        pool: pool the folds once all are finished; ``False`` leaves it to another call (the processes that
+            ``volcnn crossval --devices`` starts, whose parent pools).
 
     Returns:
-        ``cv_metrics.json``'s content, or ``{"pending": [folds not finished yet]}`` when other folds remain.
+        ``cv_metrics.json``'s content, or ``{"pending": [folds not finished yet]}`` when other folds remain (or
+        ``{"pending": []}`` when all are finished and ``pool`` is false).
 
     Raises:
         UsageError: too few patients or class holders for ``k`` folds, no entries, a fold outside 0..k-1 in
@@ -148,6 +152,8 @@ def run_crossval(
     if pending:
         logger.info("folds %s are not finished: the pooled figures are written when they are", pending)
         return {"pending": pending}
+    if not pool:
+        return {"pending": []}
     return crossval_summary(root, k, seed)
 
 
