@@ -284,3 +284,24 @@ def test_png_is_written_atomically_without_leftovers(net, image, tmp_path):
     paths = write_explanation(saliency, patch_affine, shape, affine, image, tmp_path, "x", probability=0.5)
     assert set(paths) == {"nifti", "png"} and all(isinstance(p, Path) and p.is_file() for p in paths.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_gradcam.nii.gz", "x_gradcam.png"]
+
+
+def test_an_ensemble_is_explained_through_every_member(image):
+    """Grad-CAM of an :class:`EnsembleClassifier` averages the members' maps, each taken from the ensemble's own
+    log-odds: with a second member that ignores the image (a constant output), the map still shows the first
+    member's evidence; the last member's layer alone (what a single deepest layer gave) shows nothing."""
+    from volcnn.explain import Explainer
+    from volcnn.networks import EnsembleClassifier
+
+    ensemble = EnsembleClassifier([EvidenceNet(), EvidenceNet(gain=0.0)]).eval()
+    explainer = Explainer(ensemble, PATCH)
+    assert explainer.target_layer == "members.*.features.0" and len(explainer._cams) == 2
+    e = explainer.explain(image, FINDING_RAS)
+    assert e.saliency.max() == pytest.approx(1.0)
+    assert np.linalg.norm(_peak_world(e.saliency, e.patch_affine) - BLOB_RAS) < TOL_MM
+    alone = Explainer(ensemble, PATCH, target_layer="members.0.features.0").explain(image, FINDING_RAS)
+    np.testing.assert_allclose(e.saliency, alone.saliency, atol=1e-5)  # the silent member adds nothing
+    last = Explainer(ensemble, PATCH, target_layer="members.1.features.0").explain(image, FINDING_RAS)
+    assert last.saliency.max() == 0.0
+    with pytest.raises(ValueError, match="unknown target layer 'nope'"):
+        Explainer(ensemble, PATCH, target_layer="nope")

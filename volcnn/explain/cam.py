@@ -51,6 +51,7 @@ from torch import nn
 
 from volcnn.core.geometry import as_affine, world_to_voxel
 from volcnn.explain.cell_geometry import CellGeometry, cell_upsampler, layer_cell_geometry
+from volcnn.networks.ensemble import EnsembleClassifier
 from volcnn.networks.families import cam_layers
 from volcnn.networks.introspect import in_channels as network_in_channels
 from volcnn.networks.introspect import unwrap
@@ -320,22 +321,24 @@ class Explainer:
         self.cell_geometry: CellGeometry | None = None
         self._cam: GradCAM | None = None
         self._occlusion: OcclusionSensitivity | None = None
+        self._cams: list[GradCAM] = []
         if method in ("gradcam", "gradcampp"):
-            if target_layer is None:
-                target_layer = default_target_layer(self.network, self.patch_size)
-            elif target_layer not in _layer_names(self.network):
-                raise _unknown_layer(self.network, target_layer)
-            self.target_layer = target_layer
-            # before the hooks go on: the probe runs copies of the network
-            self.cell_geometry = layer_cell_geometry(self.network, target_layer, self.patch_size)
-            hooked = _LogOddsHooks(self.network, target_layer, register_forward=True, register_backward=True)
+            layers = _cam_layers(self.network, target_layer, self.patch_size)
+            self.target_layer = layers[0] if len(layers) == 1 else "members.*." + layers[0].split(".", 2)[2]
+            # before the hooks go on: the probe runs copies of the network (the members share an architecture)
+            self.cell_geometry = layer_cell_geometry(self.network, layers[0], self.patch_size)
             cam_type = GradCAMpp if method == "gradcampp" else GradCAM
-            self._cam = cam_type(
-                hooked,  # type: ignore[arg-type]
-                target_layer,
-                upsampler=cell_upsampler(self.cell_geometry),
-                postprocessing=_identity,
-            )
+            for layer in layers:
+                hooked = _LogOddsHooks(self.network, layer, register_forward=True, register_backward=True)
+                self._cams.append(
+                    cam_type(
+                        hooked,  # type: ignore[arg-type]
+                        layer,
+                        upsampler=cell_upsampler(self.cell_geometry),
+                        postprocessing=_identity,
+                    )
+                )
+            self._cam = self._cams[0]
         else:
             if mask_size is None:
                 mask = np.maximum(2, np.asarray(self.patch_size) // 4)
@@ -380,8 +383,8 @@ class Explainer:
                 score = float(log_odds(self.network(x).float(), self.class_index)[0])
             if self._cam is not None:
                 x.requires_grad_(True)  # the backward hooks fire even for a network without trainable parameters
-                try:
-                    raw = self._cam(x, class_idx=self.class_index)[0, 0].detach()
+                try:  # an ensemble: the mean of its members' maps, each from the ensemble's own log-odds
+                    raw = torch.stack([cam(x, class_idx=self.class_index)[0, 0].detach() for cam in self._cams]).mean(0)
                 except RuntimeError as e:
                     if "BackwardHookFunction" not in str(e):
                         raise
@@ -409,6 +412,33 @@ class Explainer:
             class_index=self.class_index,
             center_ras_mm=center,
         )
+
+
+def _cam_layers(network: nn.Module, target_layer: str | None, patch_size: Sequence[int]) -> list[str]:
+    """The Grad-CAM layers of ``network``: ``[target_layer]`` (default :func:`default_target_layer`), or for an
+    :class:`~volcnn.networks.EnsembleClassifier` the same layer in every member (``members.<i>.<layer>``, the
+    default being the first member's :func:`default_target_layer`; a layer named inside one member, e.g.
+    ``members.2.layer3``, explains that member only).
+
+    Raises:
+        ValueError: an unknown layer, listing the known ones.
+    """
+    names = set(_layer_names(network))
+    members = getattr(unwrap(network), "members", None) if isinstance(unwrap(network), EnsembleClassifier) else None
+    if members is not None:
+        if target_layer is None:
+            target_layer = default_target_layer(members[0], patch_size)
+        if target_layer in names:
+            return [target_layer]
+        every = [f"members.{i}.{target_layer}" for i in range(len(members))]
+        if all(name in names for name in every):
+            return every
+        raise _unknown_layer(network, target_layer)
+    if target_layer is None:
+        return [default_target_layer(network, patch_size)]
+    if target_layer not in names:
+        raise _unknown_layer(network, target_layer)
+    return [target_layer]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
