@@ -199,13 +199,18 @@ def test_parametric_map_equals_the_heat_map_slice_by_slice(batch, name):
 
 
 def _check_map(path: Path, instances: dict[str, pydicom.Dataset], channels: dict, unit: str) -> None:
-    """``path`` is a float Parametric Map on the input's frame of reference, one frame per input instance and
-    channel, each frame equal (1e-3) to its channel's NIfTI ``(array, RAS -> voxel)`` at the input instance it
-    derives from, found through that instance's ImagePositionPatient."""
+    """``path`` is a Parametric Map on the input's frame of reference, unsigned 16-bit in RLE Lossless, one frame
+    per input instance and channel, each frame through its real-world value mapping equal (1e-4) to its channel's
+    NIfTI ``(array, RAS -> voxel)`` at the input instance it derives from, found through that instance's
+    ImagePositionPatient."""
     first = next(iter(instances.values()))
     pm = pydicom.dcmread(path)
     assert pm.SOPClassUID == PARAMETRIC_MAP_STORAGE and pm.FrameOfReferenceUID == first.FrameOfReferenceUID
-    assert "FloatPixelData" in pm and int(pm.NumberOfFrames) == len(instances) * len(channels)
+    assert pm.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert (pm.BitsAllocated, pm.PixelRepresentation) == (16, 0) and "FloatPixelData" not in pm
+    assert int(pm.NumberOfFrames) == len(instances) * len(channels)
+    raw_uint16 = int(pm.NumberOfFrames) * int(pm.Rows) * int(pm.Columns) * 2  # half what float32 frames would take
+    assert len(pm.PixelData) < raw_uint16, (len(pm.PixelData), raw_uint16)  # RLE compressed it
     (series,) = pm.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == first.SeriesInstanceUID
     pixels = pm.pixel_array.astype(np.float32)
@@ -217,14 +222,9 @@ def _check_map(path: Path, instances: dict[str, pydicom.Dataset], channels: dict
         (mapping,) = mappings
         label = mapping.LUTLabel
         assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == unit
-        assert (
-            mapping.DoubleFloatRealWorldValueFirstValueMapped,
-            mapping.DoubleFloatRealWorldValueLastValueMapped,
-        ) == (
-            0.0,
-            1.0,
-        )
+        assert (mapping.RealWorldValueFirstValueMapped, mapping.RealWorldValueLastValueMapped) == (0, 65535)
         slope, intercept = float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)
+        assert (slope * 65535 + intercept, intercept) == pytest.approx((1.0, 0.0))
         (source,) = frame.DerivationImageSequence[0].SourceImageSequence
         instance = instances[source.ReferencedSOPInstanceUID]
         position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
@@ -234,7 +234,7 @@ def _check_map(path: Path, instances: dict[str, pydicom.Dataset], channels: dict
         np.testing.assert_allclose(index[:2], 0.0, atol=1e-2)
         z = int(np.rint(index[2]))
         expected = array[:, :, z].T  # (rows, columns): X along a row, Y down a column
-        np.testing.assert_allclose(pixels[k] * slope + intercept, expected, atol=1e-3)
+        np.testing.assert_allclose(pixels[k] * slope + intercept, expected, atol=1e-4)
         seen[label].add(source.ReferencedSOPInstanceUID)
     assert all(uids == set(instances) for uids in seen.values())
 
@@ -270,11 +270,11 @@ def test_an_enhanced_multiframe_input(batch, tmp_path):
     }
     heat_img = nib.load(case_dir / "heatmap.nii.gz")
     heat, to_voxel = np.asarray(heat_img.dataobj), np.linalg.inv(heat_img.affine)
-    pixels = pm.pixel_array
+    pixels = pm.pixel_array / 65535.0  # the real-world value mapping's slope
     for k, frame in enumerate(pm.PerFrameFunctionalGroupsSequence):
         index = to_voxel @ [*_lps(frame.PlanePositionSequence[0].ImagePositionPatient), 1.0]
         np.testing.assert_allclose(index[:2], 0.0, atol=1e-2)
-        np.testing.assert_allclose(pixels[k], heat[:, :, int(np.rint(index[2]))].T, atol=1e-3)
+        np.testing.assert_allclose(pixels[k], heat[:, :, int(np.rint(index[2]))].T, atol=1e-4)
     sr = hd.sr.srread(case_dir / SR_NAME)
     (series,) = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == [enhanced.SOPInstanceUID]
