@@ -250,9 +250,10 @@ def synthesize_cohort(
             carries the features, ``clinical.csv`` holds them per case, ``nodules.csv`` adds the risk and the class
             the nodule was drawn as (``appearance_malignant``) and ``cohort.json`` the model and its oracle AUCs.
             The images are the same with or without it (its draws come from a generator of their own).
-        juxtavascular: share of nodules placed against a pulmonary vessel that runs into them (``juxtavascular``
-            in ``nodules.csv``), in [0, 1]. Their draws come from a generator of their own: every other nodule,
-            candidate and voxel is the same as with 0, the default.
+        juxtavascular: share of nodules placed against a pulmonary vessel that runs into them, in [0, 1]; when
+            above 0, ``nodules.csv`` gets a ``juxtavascular`` column and ``cohort.json`` the share. Their draws come
+            from a generator of their own: every other nodule, candidate and voxel is the same as with 0, the
+            default, whose files are those of a cohort made before the option existed.
 
     Returns:
         The summary (JSON-able): ``out_dir``, ``cases``, ``seed``, ``size``, per-split counts of cases,
@@ -325,9 +326,10 @@ def synthesize_cohort(
         "dicom": dicom,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
-        "juxtavascular": float(juxtavascular),
         "splits": {s: _counts([r for r in records if r.split == s]) for s in SPLITS},
-        "files": _write_tables(out, records, f"volcnn synthetic chest CT (seed {seed}, size {size})", dicom, clinical),
+        "files": _write_tables(
+            out, records, f"volcnn synthetic chest CT (seed {seed}, size {size})", dicom, clinical, juxtavascular > 0
+        ),
         "case_list": [
             {"case": r.case_id, "patient": r.patient, "split": r.split, "orientation": r.orientation}
             | {"shape": r.shape, "spacing": r.spacing, "nodules": len(r.nodules)}
@@ -336,6 +338,8 @@ def synthesize_cohort(
     }
     if clinical:
         summary["clinical"] = _clinical_summary(records)
+    if juxtavascular > 0:
+        summary["juxtavascular"] = float(juxtavascular)
     summary["files"]["cohort"] = "cohort.json"
     atomic_write_bytes(out / "cohort.json", _json(summary))
     logger.info("synthetic cohort: %d cases in %s", cases, out)
@@ -411,7 +415,9 @@ def _write_clinical_csv(out: Path, records: list[_Record]) -> None:
     atomic_write_bytes(out / "clinical.csv", _csv(["case", *FEATURES], rows))
 
 
-def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool, clinical: bool = False) -> dict[str, Any]:
+def _write_tables(
+    out: Path, records: list[_Record], desc: str, dicom: bool, clinical: bool = False, attached: bool = False
+) -> dict[str, Any]:
     """Write the CSVs and the datalists; return the written paths relative to ``out``."""
     ann = [
         [r.case_id, _f(-n.center[0]), _f(-n.center[1]), _f(n.center[2]), _f(n.diameter_mm)]
@@ -429,7 +435,7 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool, cli
             n.texture,
             int(n.malignant),
             int(n.calcified),
-            int(n.juxtavascular),
+            *([int(n.juxtavascular)] if attached else []),
             *([] if r.clinical is None else [int(r.appearance[k]), f"{r.clinical.risks[k]:.4f}"]),
         ]
         for r in records
@@ -438,7 +444,7 @@ def _write_tables(out: Path, records: list[_Record], desc: str, dicom: bool, cli
     atomic_write_bytes(out / "annotations.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann))
     atomic_write_bytes(out / "candidates.csv", _csv(["seriesuid", "coordX", "coordY", "coordZ", "class"], cand))
     header = ["case", "patient", "split", "x_ras", "y_ras", "z_ras", "diameter_mm", "texture", "malignant", "calcified"]
-    header += ["juxtavascular"]
+    header += ["juxtavascular"] if attached else []  # a cohort without them keeps the tables it had
     if clinical:
         header += ["appearance_malignant", "risk"]
     atomic_write_bytes(out / "nodules.csv", _csv(header, nods))
