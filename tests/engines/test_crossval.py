@@ -254,7 +254,7 @@ def test_a_failed_worker_is_named_and_a_rerun_resumes_the_rest(cohort, tmp_path,
 
 @pytest.mark.parametrize(
     "extra", [["--devices", "gpu0"], ["--devices", "cpu,cpu,cpu,cpu"], ["--devices", "cpu", "--device", "cpu"],
-              ["--devices", "cpu", "--folds", "1"], ["--devices", ""]],
+              ["--devices", "cpu", "--folds", "1"], ["--devices", ""], ["--devices", "cpu", "--k", "50"]],
 )  # fmt: skip
 def test_bad_devices_are_usage_errors(cohort, tmp_path, extra):
     assert main([*_argv_devices(cohort, tmp_path / "cv"), *extra]) == 2

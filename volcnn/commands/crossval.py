@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--devices assigns the folds and devices itself; drop --device / --folds")
         from volcnn.commands.crossval_workers import run_on_devices
 
-        if not run_on_devices(args, _devices(args.devices, args.k)):
+        devices = _devices(args.devices, args.k)
+        # draw the folds here (no fold runs): a dataset too small for k, or a folder of another CV, is refused now,
+        # by this call, rather than once per worker in its log
+        run_crossval(train, evaluate, args.datalist, args.out, k=args.k, seed=args.seed, dataset_dir=args.dataset_dir,
+                     overrides=overrides, only=[], pool=False)  # fmt: skip
+        if not run_on_devices(args, devices):
             return 1
         args.folds = ""  # every fold ran in a worker: only pool here
     if args.device is not None:
