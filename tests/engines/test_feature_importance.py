@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from volcnn.data import synthesize_cohort
+from tests.engines.feature_cohort import DECL, feature_cohort
 from volcnn.engines import feature_importance_from_workflow
 from volcnn.networks import create_multimodal_network
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "lung_nodule_ct_classification" / "configs"
 FILES = [str(CONFIGS / "train.json"), str(CONFIGS / "multimodal.json")]
-DECL = {
-    "age": {"type": "numeric", "unit": "years", "min": 0, "max": 120},
-    "sex": {"type": "categorical", "values": ["F", "M"]},
-    "smoker": {"type": "binary"},
-}
 TINY = {"network_def": "seed_cnn3d", "patch_size": [16, 16, 16], "margin": 2, "batch_size": 4, "num_workers": 0,
         "device": "cpu", "amp": False, "seed": 7, "progress": False, "cache": "none"}  # fmt: skip
 
@@ -30,18 +25,7 @@ def run(tmp_path_factory) -> dict:
     """A tiny cohort whose age separates the labels, and a "trained" clinical run whose model.pt reads age only:
     probability = sigmoid((age - 60) / 10)."""
     root = tmp_path_factory.mktemp("importance")
-    synthesize_cohort(root / "data", cases=6, seed=11, size="tiny", negatives=6)
-    data = json.loads((root / "data" / "datalist.json").read_text())
-    rng = np.random.default_rng(3)
-    data["features"] = DECL
-    for section in ("training", "validation", "test"):
-        for e in data[section]:
-            e["features"] = {
-                "age": round(float(50 + 20 * e["label"] + 3 * rng.standard_normal()), 1),
-                "sex": str(rng.choice(["F", "M"])),
-                "smoker": None if rng.random() < 0.2 else bool(rng.random() < 0.5),
-            }
-    (root / "data" / "datalist_mm.json").write_text(json.dumps(data))
+    data = json.loads((feature_cohort(root / "data") / "datalist_mm.json").read_text())
     stats = {"mean": [60.0, 0.5, 0.5, 0.5], "std": [10.0, 1.0, 1.0, 1.0]}
     net = create_multimodal_network("clinical", "seed_cnn3d", features=DECL, feature_stats=stats)
     with torch.no_grad():

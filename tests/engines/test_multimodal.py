@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from volcnn.data import synthesize_cohort
+from tests.engines.feature_cohort import DECL, feature_cohort
 from volcnn.engines import load_training_checkpoint
 from volcnn.io.features import FeatureError, attach_features, feature_matrix, fit_feature_stats
 
@@ -22,30 +22,12 @@ EPOCHS = 3
 TINY = {"network_def": "seed_cnn3d", "patch_size": [16, 16, 16], "margin": 2, "batch_size": 4, "num_workers": 0,
         "device": "cpu", "amp": False, "max_epochs": EPOCHS, "seed": 7, "deterministic": True,
         "learning_rate": 0.003, "progress": False}  # fmt: skip
-DECL = {
-    "age": {"type": "numeric", "unit": "years", "min": 0, "max": 120},
-    "sex": {"type": "categorical", "values": ["F", "M"]},
-    "smoker": {"type": "binary"},
-}
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """A tiny cohort whose candidate datalist carries features (age separates the labels; some values missing)."""
-    out = tmp_path_factory.mktemp("mm_cohort")
-    synthesize_cohort(out, cases=6, seed=11, size="tiny", negatives=6)
-    data = json.loads((out / "datalist.json").read_text())
-    rng = np.random.default_rng(3)
-    data["features"] = DECL
-    for section in ("training", "validation", "test"):
-        for e in data[section]:
-            e["features"] = {
-                "age": round(float(50 + 20 * e["label"] + 3 * rng.standard_normal()), 1),
-                "sex": str(rng.choice(["F", "M"])),
-                "smoker": None if rng.random() < 0.2 else bool(rng.random() < 0.5),
-            }
-    (out / "datalist_mm.json").write_text(json.dumps(data))
-    return out
+    return feature_cohort(tmp_path_factory.mktemp("mm_cohort"))
 
 
 def _workflow(cohort: Path, out: Path, run_id: str = "training", datalist: str = "datalist_mm.json", **extra):
