@@ -165,10 +165,6 @@ def _io_spec(meta_file: Path) -> tuple[int, tuple[int, ...], int]:
     return int(image["num_channels"]), tuple(int(s) for s in image["spatial_shape"]), int(pred["num_channels"])
 
 
-class _NotApplicable(Exception):
-    """A check that does not apply to this bundle (reported as skipped, with the reason)."""
-
-
 def _features_of(config: Path) -> Any:
     """The config's declared clinical features (a list or object), or None (an image network)."""
     try:
@@ -383,8 +379,6 @@ def verify_bundle(
     def run(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
             detail = fn(*args, **kwargs)
-        except _NotApplicable as reason:
-            results.append(CheckResult(name, "skip", str(reason)))
         except Exception as err:  # a failed check is reported, not raised
             logger.debug("check %s failed", name, exc_info=True)
             results.append(CheckResult(name, "fail", f"{type(err).__name__}: {err}"))
