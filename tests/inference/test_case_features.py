@@ -231,7 +231,7 @@ def test_attributions_are_taken_on_the_window_of_the_finding(scans, tmp_path, se
     runner.explain = 1
     _run(runner, [scans["a"]], tmp_path, _write_csv(tmp_path / "f.csv", {"a": ROWS["a"]}))
     finding = _doc(tmp_path, "a")["findings"][0]
-    image = preprocess_loaded(runner._chain, [load_volume(scans["a"])])  # as the runner preprocessed the case
+    image = preprocess_loaded(runner._chains[0], [load_volume(scans["a"])])  # as the runner preprocessed the case
     patch, _ = crop_patch(image, finding["center_ras_mm"], PATCH)
     calibration = None if runner.calibration is None else runner.calibration.apply
     predict = network_predictor(net, patch[None], flips=bool(settings), calibration=calibration)

@@ -173,6 +173,7 @@ def explain_findings(
     target_layer: str | None = None,
     preprocessed: MetaTensor | None = None,
     input_grid: tuple[Sequence[int], np.ndarray] | None = None,
+    scale_images: Mapping[float, MetaTensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Explain the ``top`` most probable findings of one case; write their NIfTI and PNG into ``out_dir``.
 
@@ -191,6 +192,9 @@ def explain_findings(
             preprocessing again).
         input_grid: ``(shape, affine)`` of the input CT when the caller already has them; with ``preprocessed``
             the input is not read at all (``image`` then only names it).
+        scale_images: the preprocessed image of each coarser scale of a multi-scale heat map
+            (:mod:`volcnn.inference.scales`): a finding with a ``scale`` found there is explained on the window the
+            classifier saw at that scale.
 
     Returns:
         One dict per explained finding: ``{"rank", "name", "center_ras_mm", "probability", "patch_probability",
@@ -229,7 +233,8 @@ def explain_findings(
         rank = index + 1
         name = f"finding{rank:02d}"
         center = [float(v) for v in finding["center_ras_mm"]]
-        explanation = explainer.explain(prepared, center)
+        window_image = (scale_images or {}).get(float(finding.get("scale", 1.0)), prepared)
+        explanation = explainer.explain(window_image, center)
         probability = finding.get("probability")
         paths = write_explanation(
             explanation.saliency,

@@ -48,7 +48,9 @@ from volcnn.inference.cases import case_names
 from volcnn.inference.dense import DEFAULT_TILE_MB
 from volcnn.inference.findings import NMS_METHODS, SCORE_METHODS, find_peaks, volume_score
 from volcnn.inference.heatmap_strategy import HEATMAP_METHODS, HeatmapStrategy
+from volcnn.inference.localize import snap_findings
 from volcnn.inference.refine import FlipMean, refine_findings, refinement_steps
+from volcnn.inference.scales import check_scales, fuse_heatmaps, merge_findings, scaled_pixdim
 from volcnn.inference.sharding import Shard
 from volcnn.inference.volume_mode import VolumeModeProcessor
 from volcnn.io.features import FeatureError, parse_feature_spec
@@ -121,6 +123,12 @@ class InferenceRunner:
         refine_mm: score the classifier's windows within about this distance of each finding and move it onto
             their response (coarse-to-fine, :mod:`volcnn.inference.refine`); 0: findings stay where the heat map
             puts them.
+        scales: voxel-size factors of the heat map: 1 (the training ``pixdim``) and coarser ones, at which the CT is
+            resampled and mapped too, for nodules larger than the window (:mod:`volcnn.inference.scales`); each
+            scale's findings are refined on its own image, then merged, and the heat map written is their voxelwise
+            maximum. Findings carry their ``scale`` when there are several.
+        snap_mm: move each finding to the strongest blob of the image within this distance
+            (:mod:`volcnn.inference.localize`); 0: findings stay where the classifier's response puts them.
 
     Raises:
         ValueError: unknown ``score``, ``method`` or ``mode``, or ``method="dense"`` for a network that cannot be
@@ -161,6 +169,8 @@ class InferenceRunner:
         margin: int = 8,
         refine_mm: float = 0.0,
         features: Any = None,
+        scales: Sequence[float] | None = None,
+        snap_mm: float = 0.0,
     ) -> None:
         if score not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score!r}; choose one of {', '.join(SCORE_METHODS)}")
@@ -208,7 +218,12 @@ class InferenceRunner:
         self.nms = nms
         self.flips = as_bool(flips)
         self.refine_mm = float(refine_mm)
-        self._refine_steps = refinement_steps(self.refine_mm, self.pixdim)
+        self.scales = check_scales(scales)
+        self.snap_mm = float(snap_mm)
+        if not np.isfinite(self.snap_mm) or self.snap_mm < 0:
+            raise ValueError(f"snap_mm must be a finite number >= 0, got {snap_mm!r}")
+        #: per scale: the refinement's steps in that scale's voxels
+        self._refine_steps = [refinement_steps(self.refine_mm, scaled_pixdim(self.pixdim, s)) for s in self.scales]
         self.mode = check_mode(mode)
         self.margin = int(margin)
         self.explain = 0  # explain the N most probable findings per case (set by ``volcnn infer --explain N``)
@@ -231,7 +246,11 @@ class InferenceRunner:
             progress=self.progress,
             flips=self.flips,
         )
-        self._chain = volume_transforms("image", self.pixdim, self.hu_window, self.intensity)
+        #: the preprocessing chain of each scale (the first: the training pixdim)
+        self._chains = [
+            volume_transforms("image", scaled_pixdim(self.pixdim, s), self.hu_window, self.intensity)
+            for s in self.scales
+        ]
         #: the per-case work of volume mode (None in candidate mode, whose work is :meth:`process` itself)
         self.volume_mode: VolumeModeProcessor | None = None
         if self.mode == "volume":
@@ -274,6 +293,8 @@ class InferenceRunner:
             "operating_threshold": self.operating_threshold,
             "flips": self.flips,
             "refine_mm": self.refine_mm,
+            "scales": self.scales,
+            "snap_mm": self.snap_mm,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
         normalised: dict[str, Any] = json.loads(json.dumps(settings))
@@ -396,18 +417,19 @@ class InferenceRunner:
         digest = digest or input_sha256(path)
         shape, affine = tuple(vol.array.shape), vol.affine.copy()
         handed = [vol]
-        del vol  # preprocess_loaded drops the last reference once the chain's loader has the volume
-        image = preprocess_loaded(self._chain, handed)
-        raw_heat, heat_affine, how = self.heatmap(image, case)
-        findings = self._findings(raw_heat, heat_affine, image)
+        del vol  # preprocess_loaded drops the last reference once the last chain's loader has the volume
+        last = len(self._chains) - 1
+        images = [preprocess_loaded(chain, handed if i == last else handed[0]) for i, chain in enumerate(self._chains)]
+        raw_heat, heat_affine, how, findings = self._scales_findings(images, case)
         heat = raw_heat if self.calibration is None else self.calibration.apply(raw_heat)
         del raw_heat
+        image = images[0]
         for f in findings:
             voxel = np.rint(world_to_voxel(affine, f["center_ras_mm"])).astype(int)
             f["center_voxel"] = np.clip(voxel, 0, np.asarray(shape) - 1).tolist()
-        explanations = self._explain(path, image, findings, Path(case_dir), (shape, affine))
-        self._attribute_features(image, findings, explanations)
-        del image
+        explanations = self._explain(path, images, findings, Path(case_dir), (shape, affine))
+        self._attribute_features(images, findings, explanations)
+        del image, images
         score = volume_score(
             heat, self.score, self.score_k, heat_affine=heat_affine, min_distance_mm=self.min_distance_mm
         )
@@ -436,7 +458,35 @@ class InferenceRunner:
         atomic_write_json(case_dir / "findings.json", doc)
         return {"case": case, "score": doc["score"], "n_findings": len(findings), "max_probability": max_probability}
 
-    def _findings(self, raw_heat: np.ndarray, heat_affine: np.ndarray, image: torch.Tensor) -> list[dict[str, Any]]:
+    def _scales_findings(
+        self, images: Sequence[torch.Tensor], case: str
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[dict[str, Any]]]:
+        """The uncalibrated heat map of every scale's image (``images``, in :attr:`scales` order) and their findings;
+        returns ``(raw_heat, heat_affine, how, findings)``: the maps' voxelwise maximum on the first scale's grid, that
+        grid, how each map was made, and the findings merged over the scales (:func:`merge_findings`), then moved
+        onto the image's blobs (:func:`snap_findings` on the first scale's image, with :attr:`snap_mm`)."""
+        maps, groups, hows = [], [], []
+        for scale, steps, image in zip(self.scales, self._refine_steps, images, strict=True):
+            heat, heat_affine, how = self.heatmap(image, case)
+            group = self._findings(heat, heat_affine, image, steps)
+            if len(self.scales) > 1:
+                for f in group:
+                    f["scale"] = scale
+            maps.append((heat, heat_affine))
+            groups.append(group)
+            hows.append(how)
+        if len(maps) == 1:
+            raw_heat, findings, how = maps[0][0], groups[0], hows[0]
+        else:
+            raw_heat = fuse_heatmaps(maps)
+            findings = merge_findings(groups, self.min_distance_mm, self.max_findings)
+            how = {**hows[0], "scales": [{"scale": s, **h} for s, h in zip(self.scales, hows, strict=True)]}
+        findings = snap_findings(images[0], findings, self.snap_mm, min_distance_mm=self.min_distance_mm)
+        return raw_heat, maps[0][1], how, findings
+
+    def _findings(
+        self, raw_heat: np.ndarray, heat_affine: np.ndarray, image: torch.Tensor, steps: list[np.ndarray]
+    ) -> list[dict[str, Any]]:
         """Peaks of the uncalibrated map (the calibration is monotonic: the same peaks, positions and blobs) at or
         above the threshold's uncalibrated value, each with its calibrated ``probability`` and, when calibrated,
         ``probability_uncalibrated``.
@@ -452,15 +502,15 @@ class InferenceRunner:
             return q if cal is None else cal.invert(q)
 
         # refined, a peak at half the threshold may pass it: search from there, and cut after refining
-        search = 0.5 * self.threshold if self._refine_steps else self.threshold
+        search = 0.5 * self.threshold if steps else self.threshold
         findings = find_peaks(
             raw_heat, heat_affine, uncalibrated(search), self.min_distance_mm, self.max_findings,
             size_aware=self.nms == "size",
         )  # fmt: skip
-        if self._refine_steps:
+        if steps:
             network = FlipMean(self.network) if self.flips else self.network
             refined = refine_findings(
-                image, network, findings, self.patch_size, self._refine_steps, min_distance_mm=self.min_distance_mm,
+                image, network, findings, self.patch_size, steps, min_distance_mm=self.min_distance_mm,
                 batch_size=self.batch_size, device=self.device, class_index=self.class_index,
             )  # fmt: skip
             cut = uncalibrated(self.threshold)
@@ -475,38 +525,45 @@ class InferenceRunner:
     def _explain(
         self,
         path: str | os.PathLike[str],
-        image: torch.Tensor,
+        images: Sequence[torch.Tensor],
         findings: list[dict[str, Any]],
         case_dir: Path,
         grid: tuple[tuple[int, ...], np.ndarray],
     ) -> list[dict[str, Any]]:
         """Grad-CAM / occlusion maps of the ``self.explain`` most probable findings (none when 0): NIfTI on the
-        input grid and PNG overlays in ``case_dir`` (see :func:`volcnn.explain.explain_findings`)."""
+        input grid and PNG overlays in ``case_dir`` (see :func:`volcnn.explain.explain_findings`); a finding of a
+        coarser scale is explained on that scale's image (``images``, in :attr:`scales` order)."""
         if self.explain <= 0 or not findings:
             return []
         return explain_findings(
             path, self.network, self, findings, case_dir, top=self.explain, method=self.explain_method,
-            target_layer=self.explain_layer, preprocessed=image, input_grid=grid,  # type: ignore[arg-type]
+            target_layer=self.explain_layer, preprocessed=images[0], input_grid=grid,  # type: ignore[arg-type]
+            scale_images=dict(zip(self.scales[1:], images[1:], strict=True)),  # type: ignore[arg-type]
         )  # fmt: skip
 
     def _attribute_features(
-        self, image: torch.Tensor, findings: list[dict[str, Any]], explanations: list[dict[str, Any]]
+        self, images: Sequence[torch.Tensor], findings: list[dict[str, Any]], explanations: list[dict[str, Any]]
     ) -> None:
         """With ``explain`` and a network taking features: each explained finding gets ``feature_attributions``,
-        ``{name: p - p(name missing)}`` on the window centred at it (:func:`finding_feature_attributions`), on the
-        same scale as its ``probability`` (calibrated when the model is; with ``flips``, the mean over the window
-        mirrored along each axis)."""
+        ``{name: p - p(name missing)}`` on the window centred at it (:func:`finding_feature_attributions`; on the
+        image of the finding's scale, ``images`` in :attr:`scales` order), on the same scale as its ``probability``
+        (calibrated when the model is; with ``flips``, the mean over the window mirrored along each axis)."""
         if self.features is None or not explanations:
             return
         assert isinstance(self.network, CaseFeatures) and self.network.features is not None
         chosen = [findings[e["rank"] - 1] for e in explanations]
-        attributions = finding_feature_attributions(
-            self.network.network, image, [f["center_ras_mm"] for f in chosen], self.patch_size,
-            self.network.features[0].cpu().numpy(), self.features, class_index=self.class_index, device=self.device,
-            flips=self.flips, calibration=None if self.calibration is None else self.calibration.apply,
-        )  # fmt: skip
-        for finding, attribution in zip(chosen, attributions, strict=True):
-            finding["feature_attributions"] = attribution
+        for scale, image in zip(self.scales, images, strict=True):
+            group = [f for f in chosen if float(f.get("scale", 1.0)) == scale]
+            if not group:
+                continue
+            attributions = finding_feature_attributions(
+                self.network.network, image, [f["center_ras_mm"] for f in group], self.patch_size,
+                self.network.features[0].cpu().numpy(), self.features, class_index=self.class_index,
+                device=self.device, flips=self.flips,
+                calibration=None if self.calibration is None else self.calibration.apply,
+            )  # fmt: skip
+            for finding, attribution in zip(group, attributions, strict=True):
+                finding["feature_attributions"] = attribution
 
     def _volume_attribution(self) -> Callable[[torch.Tensor], dict[str, float]] | None:
         """Volume mode's ``attribute(patch) -> {name: attribution}`` of the fitted volume (the score is the

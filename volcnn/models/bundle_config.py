@@ -44,6 +44,7 @@ DESCRIPTION_VERSION = 3
 #: ``inference.json`` keys of candidate mode's findings that an export embeds (description version 3)
 FINDING_KEYS = (
     "threshold", "operating_threshold", "min_distance_mm", "nms", "max_findings", "score", "tta_flips", "refine_mm",
+    "scales", "snap_mm",
 )  # fmt: skip
 #: how a model is inferred, as it was trained: ``candidate`` (patches around datalist centres: a heat map of windows
 #: over the CT) or ``volume`` (whole volumes fitted into one patch: one prediction per volume). ``inference.json``
