@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__version__ = "0.5.1"
+__version__ = "0.6.0"
 
 #: the subpackages, lowest layer first
 SUBPACKAGES = (
