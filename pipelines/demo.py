@@ -212,8 +212,12 @@ def _print_comparison(results: dict[str, dict[str, Path]], nodules_csv: Path, ca
         findings = json.loads((r["infer"] / case / "findings.json").read_text())
         gaps = []
         for truth in _nodules_of(nodules_csv, case):
-            near = min((math.dist(f["center_ras_mm"], truth[:3]) for f in findings["findings"]), default=None)
-            gaps.append("no finding" if near is None else f"{near:.1f} mm")
+            near = min(
+                ((math.dist(f["center_ras_mm"], truth[:3]), f["probability"]) for f in findings["findings"]),
+                default=None,
+            )
+            radius = truth[3] / 2
+            gaps.append("no finding" if near is None else f"{near[0]:.1f} mm (r {radius:.1f}), p {near[1]:.2f}")
         column = [
             _fmt(m.get("auc")),
             f"{_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))}" if cal else "not fitted",
@@ -227,9 +231,9 @@ def _print_comparison(results: dict[str, dict[str, Path]], nodules_csv: Path, ca
         for name, value in zip(_ROWS, column, strict=True):
             rows.setdefault(name, []).append(value)
     width = max(map(len, _ROWS))
-    print(f"\n{'':<{width}}  " + "  ".join(f"{label:>22}" for label in results))
+    print(f"\n{'':<{width}}  " + "  ".join(f"{label:>24}" for label in results))
     for name, values in rows.items():
-        print(f"{name:<{width}}  " + "  ".join(f"{v:>22}" for v in values))
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>24}" for v in values))
 
 
 #: rows of the before / after table
@@ -240,7 +244,7 @@ _ROWS = (
     "sensitivity at 1 FP/scan",
     "at operating threshold: sens / FP per scan",
     "per-scan AUC (volume score)",
-    "showcase CT: nearest finding to each nodule",
+    "showcase CT: nearest finding to each nodule",  # its distance, the nodule's radius, its probability
     "showcase CT: volume score",
 )
 
