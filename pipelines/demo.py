@@ -57,13 +57,14 @@ CPU_SETTINGS = {
     "train#augmentation#scale": 0.3,
 }
 #: share of the cohort's nodules placed against a pulmonary vessel (see ``volcnn synth --juxtavascular``). None by
-#: default: with 0.25 (seed 0, one run, 2-core Xeon) the demo's CPM was 0.883 after mining (0.649 before) on a test
-#: set with 2 of its 11 nodules vessel-attached, and the showcase nodule was still missed, so the share did not teach
-#: the model the showcase's kind; the cohort stays as it was
+#: default: with 0.25 (seed 0, one run, 2-core Xeon, volcnn 0.5's inference) the demo's CPM was 0.883 after mining
+#: (0.649 before) on a test set with 2 of its 11 nodules vessel-attached, and the showcase nodule was still missed, so
+#: the share did not teach the model the showcase's kind; the cohort stays as it was
 JUXTAVASCULAR = 0.0
 #: ``volcnn mine`` options: one round; findings beyond a nodule's radius + 6 mm become negatives. On the 30-CT benchmark
 #: the mined bundle reached CPM 0.878 with this and the bundle's margin 8, 0.791 with a 10 mm mining margin and margin
-#: 6 (one training run each, so partly run-to-run variance; README "Measured")
+#: 6 (one training run each, so partly run-to-run variance; volcnn 0.5's inference, 0.923 with 0.6's; README
+#: "Measured")
 MINE_OPTIONS = ["--rounds", "1", "--margin-mm", "6"]
 #: ``volcnn infer`` options: a heat map on a 4 mm grid, dense where the network splits and agrees with its windows
 INFER_OPTIONS = ["--stride-mm", "4.0", "--heatmap-method", "auto"]
