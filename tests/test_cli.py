@@ -56,6 +56,12 @@ def test_infer_options_reach_the_runner(tmp_path, monkeypatch):
     assert "heatmap_method" not in seen and "stride_mm" not in seen  # the bundle's own settings
     assert "tta_flips" not in seen
     assert main(["infer", "--bundle", "b", "--out", "o", "--tta", "x.nii.gz"]) == 0 and seen["tta_flips"] is True
+    assert "scales" not in seen and "snap_mm" not in seen
+    assert main(["infer", "--bundle", "b", "--out", "o", "--scales", "1,2", "--snap-mm", "0", "x.nii.gz"]) == 0
+    assert seen["scales"] == [1.0, 2.0] and seen["snap_mm"] == 0.0
+    for bad in ("2", "1,x", "1,0.5"):
+        with pytest.raises(SystemExit):
+            main(["infer", "--bundle", "b", "--out", "o", "--scales", bad, "x.nii.gz"])
     with pytest.raises(SystemExit):
         main(["infer", "--bundle", "b", "--out", "o", "--heatmap-method", "fast", "x.nii.gz"])
 

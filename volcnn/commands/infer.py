@@ -59,6 +59,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "candidate mode only)",
     )
     p.add_argument(
+        "--scales",
+        type=_scales,
+        default=None,
+        metavar="S1,S2",
+        help="voxel-size factors of the heat map, e.g. 1,1.6 (the bundle's default: the CT also mapped at 1.6 times "
+        "the voxel size, for nodules larger than the window) or 1 (one scale, faster); candidate mode",
+    )
+    p.add_argument(
+        "--snap-mm",
+        type=float,
+        default=None,
+        help="move each finding to the strongest blob of the image within this distance (default: the bundle's; "
+        "0: off; candidate mode)",
+    )
+    p.add_argument(
         "--tta",
         action="store_true",
         help="test-time flips: average the heat map over the CT mirrored along each axis (4x the time; candidate mode)",
@@ -86,8 +101,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _scales(text: str) -> list[float]:
+    """``--scales``: comma-separated voxel-size factors, checked by :func:`~volcnn.inference.scales.check_scales`."""
+    from volcnn.inference.scales import check_scales
+
+    try:
+        return list(check_scales([float(v) for v in text.split(",") if v.strip()]))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    given = {"device": args.device, "stride_mm": args.stride_mm, "heatmap_method": args.heatmap_method}
+    given = {
+        "device": args.device, "stride_mm": args.stride_mm, "heatmap_method": args.heatmap_method,
+        "scales": args.scales, "snap_mm": args.snap_mm,
+    }  # fmt: skip
     if args.tta:
         given["tta_flips"] = True
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -174,7 +202,7 @@ def infer(
         raise UsageError(f"{bundle or model}: cannot build the inference runner ({type(e).__name__}: {e})") from e
     runner.explain, runner.explain_method, runner.explain_layer = int(explain), explain_method, explain_layer
     _attach_features(runner, features, inputs, str(bundle or model))
-    ignored = sorted(k for k in ("stride_mm", "heatmap_method") if k in overrides)
+    ignored = sorted(k for k in ("stride_mm", "heatmap_method", "scales", "snap_mm") if k in overrides)
     if runner.mode == "volume" and ignored:
         logger.warning("%s: a volume-mode model makes no heat map; %s ignored", bundle or model, ", ".join(ignored))
     with torchrun_shard() as shard:
