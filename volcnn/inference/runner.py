@@ -124,9 +124,9 @@ class InferenceRunner:
             their response (coarse-to-fine, :mod:`volcnn.inference.refine`); 0: findings stay where the heat map
             puts them.
         scales: voxel-size factors of the heat map: 1 (the training ``pixdim``) and coarser ones, at which the CT is
-            resampled and mapped too, for nodules larger than the window (:mod:`volcnn.inference.scales`); each
-            scale's findings are refined on its own image, then merged, and the heat map written is their voxelwise
-            maximum. Findings carry their ``scale`` when there are several.
+            resampled and mapped too, for nodules larger than the window (:mod:`volcnn.inference.scales`); the
+            scales' peaks are merged, each then refined on its own scale's image, and the heat map written is the
+            maps' voxelwise maximum. Findings carry their ``scale`` when there are several.
         snap_mm: move each finding to the strongest blob of the image within this distance
             (:mod:`volcnn.inference.localize`); 0: findings stay where the classifier's response puts them.
 
@@ -423,13 +423,12 @@ class InferenceRunner:
         raw_heat, heat_affine, how, findings = self._scales_findings(images, case)
         heat = raw_heat if self.calibration is None else self.calibration.apply(raw_heat)
         del raw_heat
-        image = images[0]
         for f in findings:
             voxel = np.rint(world_to_voxel(affine, f["center_ras_mm"])).astype(int)
             f["center_voxel"] = np.clip(voxel, 0, np.asarray(shape) - 1).tolist()
         explanations = self._explain(path, images, findings, Path(case_dir), (shape, affine))
         self._attribute_features(images, findings, explanations)
-        del image, images
+        del images
         score = volume_score(
             heat, self.score, self.score_k, heat_affine=heat_affine, min_distance_mm=self.min_distance_mm
         )

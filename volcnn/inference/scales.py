@@ -4,15 +4,16 @@ voxels, so that nodules larger than its window are seen whole.
 A candidate classifier sees ``patch_size`` voxels at ``pixdim``: at the demo's 32^3 at 1 mm, a 25-30 mm nodule fills
 the window with no lung around it, unlike anything it was trained on, and it scores it low. Resampled to ``s`` times
 the voxel size the same window covers ``s`` times the field of view and the nodule looks ``s`` times smaller. Each scale
-gets its own heat map and findings (peaks, refinement on that scale's image); the findings of all scales are merged by
-non-maximum suppression (the most probable of those closer than ``min_distance_mm`` is kept) and the heat map written
-is the voxelwise maximum of the scales' maps on the finest grid.
+gets its own heat map and peaks; the peaks of all scales are merged by non-maximum suppression (:func:`merge_findings`:
+the most probable of those closer than ``min_distance_mm`` is kept), each kept one is refined on its own scale's image
+(:class:`~volcnn.inference.InferenceRunner`), and the heat map written is the voxelwise maximum of the scales' maps on
+the finest grid.
 
 Measured with ``python -m pipelines.bench_detection`` (30 CTs of cohort seeds 101 and 102, 56 nodules; the demo's
-mined bundle, threshold 0.02; 2-core Xeon, one run): scales ``[1.0]`` CPM 0.883, ``[1.0, 1.6]`` 0.901; the 1.6 scale
-found the four nodules of 23-30 mm at 0.82-1.0 that the 1 mm scale scored 0.12-0.44, and added no false positive among
-the 25 most probable; it costs about a quarter of the 1 mm scale's time (1.6^3 fewer windows). Alone, the 1.6 scale
-reached CPM 0.571: it is a complement, not a replacement.
+mined bundle, threshold 0.02; 2-core Xeon, one run; the two scales' findings of separate runs merged): scales
+``[1.0]`` CPM 0.883, ``[1.0, 1.6]`` 0.901; the 1.6 scale found the four nodules of 23-30 mm at 0.82-1.0 that the 1 mm
+scale scored 0.12-0.44, and added no false positive among the 25 most probable; it costs about a quarter of the 1 mm
+scale's time (1.6^3 fewer windows). Alone, the 1.6 scale reached CPM 0.571: it is a complement, not a replacement.
 
 The scales' outputs are combined as they are: the probability calibration fitted on the training scale's windows is
 applied to every scale's findings.
