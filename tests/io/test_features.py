@@ -185,7 +185,7 @@ def test_fit_feature_stats_uses_only_the_rows_given() -> None:
 def test_fit_feature_stats_constant_numeric_has_unit_std() -> None:
     spec = parse_feature_spec({"age": {"type": "numeric"}})
     stats = fit_feature_stats(spec, np.array([[5.0], [5.0], [np.nan]]))
-    assert stats == {"mean": [5.0], "std": [1.0]}
+    assert stats == {"mean": [5.0], "std": [1.0], "precision": [[1.0]]}  # no variance: unit, uncorrelated
 
 
 def test_fit_feature_stats_refuses_a_feature_without_value() -> None:

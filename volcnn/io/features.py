@@ -13,8 +13,9 @@ number.
 
 The *raw encoding* of one entry is a float32 vector ``(C,)`` laid out by :attr:`FeatureSpec.columns`: one column per
 numeric or binary feature, one per category (one-hot) for a categorical feature, NaN where the value is missing.
-It carries no statistics: standardisation and imputation are learnt on the training split and live in the network
-(:class:`volcnn.networks.tabular.FeatureNormalizer`), so they travel in its checkpoint and the packaged bundle.
+It carries no statistics: standardisation and (conditional) imputation are learnt on the training split and live in
+the network (:class:`volcnn.networks.tabular.FeatureNormalizer`), so they travel in its checkpoint and the packaged
+bundle.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from volcnn.io.datalist import DatalistError, read_datalist_json
 
 __all__ = [
+    "COVARIANCE_SHRINKAGE",
     "FEATURE_TYPES",
     "FeatureDecl",
     "FeatureError",
@@ -299,13 +301,22 @@ def feature_matrix(entries: Iterable[Mapping[str, Any]]) -> np.ndarray:
     return np.stack(rows)
 
 
-def fit_feature_stats(spec: FeatureSpec | Mapping[str, Any], raw: np.ndarray) -> dict[str, list[float]]:
+#: Shrinkage of the features' covariance towards its diagonal before it is inverted (:func:`fit_feature_stats`):
+#: keeps the precision finite for collinear columns (the categories of one feature, a constant column) and damps
+#: correlations estimated from a few hundred patients.
+COVARIANCE_SHRINKAGE = 0.05
+
+
+def fit_feature_stats(spec: FeatureSpec | Mapping[str, Any], raw: np.ndarray) -> dict[str, Any]:
     """Imputation and scaling learnt from the training entries' raw encodings ``raw`` ``(N, C)``.
 
     Returns:
-        ``{"mean": (C,), "std": (C,)}``: ``mean`` is the value imputed for a missing column (the training mean:
-        the prevalence of a binary or a category); ``std`` is the training standard deviation for numeric
-        columns (1 where constant) and 1 for 0/1 columns. A network subtracts ``mean`` and divides by ``std``.
+        ``{"mean": (C,), "std": (C,), "precision": (C, C)}``: ``mean`` is the training mean (the prevalence of a
+        binary or a category); ``std`` is the training standard deviation for numeric columns (1 where constant) and
+        1 for 0/1 columns. A network subtracts ``mean`` and divides by ``std``. ``precision`` is the inverse of the
+        standardised columns' covariance (each pair estimated on the entries where both are present, shrunk by
+        :data:`COVARIANCE_SHRINKAGE` towards the diagonal): a missing column is imputed by its conditional mean
+        given the entry's present columns, ``-P_mm^-1 P_mo z_o`` (the training mean when nothing correlates).
 
     Raises:
         FeatureError: a feature without a single value in the training entries (nothing to learn from).
@@ -324,7 +335,30 @@ def fit_feature_stats(spec: FeatureSpec | Mapping[str, Any], raw: np.ndarray) ->
     std = np.sqrt(var)
     numeric = np.asarray(spec.numeric_columns())
     std = np.where(numeric & (std > 1e-6), std, 1.0)
-    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    z = np.where(present, (raw - mean) / std, 0.0)
+    return {
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "precision": [[float(v) for v in row] for row in _precision(z, present)],
+    }
+
+
+def _precision(z: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Inverse of the pairwise-complete covariance of ``z`` ``(N, C)`` (0 where missing), shrunk towards its
+    diagonal, with every eigenvalue at least 1e-3 of the largest (one-hot columns are collinear); a constant column
+    gets variance 1 and no correlation."""
+    both = present.T.astype(np.float64) @ present.astype(np.float64)  # (C, C) entries with both columns
+    cov = (z.T @ z) / np.maximum(both, 1.0)
+    cov = np.where(both >= 2, cov, 0.0)  # a pair never seen together: no correlation learnt
+    dead = np.diag(cov) < 1e-8  # a constant column: nothing to learn from or about it
+    cov[dead, :] = 0.0
+    cov[:, dead] = 0.0
+    cov[dead, dead] = 1.0
+    diag = np.diag(np.diag(cov))
+    cov = (1.0 - COVARIANCE_SHRINKAGE) * cov + COVARIANCE_SHRINKAGE * diag
+    w, v = np.linalg.eigh((cov + cov.T) / 2.0)
+    w = np.maximum(w, max(float(w.max()), 1e-6) * 1e-3)
+    return (v / w) @ v.T
 
 
 def _csv_value(d: FeatureDecl, text: str) -> Any:
@@ -435,7 +469,7 @@ def load_section(
 
 def training_stats(
     features: FeatureSpec | Mapping[str, Any] | None, entries: Sequence[Mapping[str, Any]]
-) -> dict[str, list[float]] | None:
+) -> dict[str, Any] | None:
     """:func:`fit_feature_stats` over the training ``entries`` (from :func:`load_section`), or None without
     declared features. Only the entries given are read: the bundle passes the training section alone."""
     if features is None:
