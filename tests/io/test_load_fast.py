@@ -404,3 +404,17 @@ def test_integer_check_reads_every_chunk(tmp_path, block_sizes):
     arr[5, 4, 5] = 100.5  # a fraction in the last chunk: not an 8-bit image
     warnings = load_volume(_write(tmp_path / "f.nii", _nifti_bytes(arr))).warnings
     assert len(warnings) == 1 and "no negative values" in warnings[0]
+
+
+def test_no_hu_warnings_where_hu_is_not_expected(tmp_path, caplog):
+    arr = np.random.default_rng(22).integers(0, 256, (6, 5, 7)).astype(np.float32)
+    path = _write(tmp_path / "u.nii", _nifti_bytes(arr))
+    with caplog.at_level("WARNING", logger="volcnn.io.checks"):
+        assert load_volume(path, expect_hu=False).warnings == []
+    assert caplog.records == []
+    with caplog.at_level("WARNING", logger="volcnn.io.checks"):
+        assert any("8-bit" in w for w in load_volume(path).warnings)
+    assert any("u.nii" in r.getMessage() and "8-bit" in r.getMessage() for r in caplog.records)
+    arr[1, 1, 1] = np.nan  # what is wrong with the values themselves is still said
+    vol = load_volume(_write(tmp_path / "n.nii", _nifti_bytes(arr)), nan_policy="replace", expect_hu=False)
+    assert len(vol.warnings) == 1 and "replaced 1 NaN/Inf" in vol.warnings[0]

@@ -70,3 +70,17 @@ def test_unknown_setting_is_refused_naming_the_valid_ones():
         with pytest.raises(ValueError, match="hu, percentile, zscore, none"):
             intensity_transform("image", bad)
     assert check_intensity("zscore") == "zscore" and INTENSITY_MODES[0] == "hu"
+
+
+@pytest.mark.parametrize(("intensity", "warned"), [("hu", True), ("percentile", False), ("none", False)])
+def test_only_the_hu_setting_warns_on_values_that_are_not_hu(tmp_path, caplog, intensity, warned):
+    import nibabel as nib
+
+    from volcnn.transforms.volume_cache import volume_transforms
+
+    path = tmp_path / "eight_bit.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 256, (8, 8, 8)).astype(np.uint8), np.eye(4)), path)
+    with caplog.at_level("WARNING", logger="volcnn.io.checks"):
+        out = volume_transforms("image", intensity=intensity)({"image": str(path)})["image"]
+    assert out.shape == (1, 8, 8, 8)
+    assert any("eight_bit.nii.gz" in r.getMessage() and "8-bit" in r.getMessage() for r in caplog.records) == warned

@@ -413,7 +413,7 @@ class InferenceRunner:
                 explain_method=self.explain_method, explain_layer=self.explain_layer, extra=extra,
                 attribute=self._volume_attribution(),
             )  # fmt: skip
-        vol = load_volume(path)
+        vol = load_volume(path, expect_hu=self.intensity == "hu")
         digest = digest or input_sha256(path)
         shape, affine = tuple(vol.array.shape), vol.affine.copy()
         handed = [vol]

@@ -160,7 +160,7 @@ class VolumeModeProcessor:
             ``{"case", "score", "n_findings": 0, "max_probability"}`` (``max_probability`` is the score: the
             volume's probability of ``class_index``), for the runner's summary.
         """
-        vol = load_volume(path)
+        vol = load_volume(path, expect_hu=self.intensity == "hu")
         digest = digest or input_sha256(path)
         ct, affine = (vol.array if explain else None), vol.affine.copy()
         handed = [vol]

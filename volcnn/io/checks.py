@@ -27,8 +27,12 @@ NAN_FILL_HU = -1024.0
 CHECK_CHUNK_BYTES = 1 << 22
 
 
-def check_volume(vol: Volume, nan_policy: str = "refuse") -> None:
+def check_volume(vol: Volume, nan_policy: str = "refuse", expect_hu: bool = True) -> None:
     """Refuse a non-3D volume or a degenerate affine; refuse or replace NaN/Inf; warn on non-HU values.
+
+    ``expect_hu=False`` (a model whose intensity setting is not ``hu``, or ``volcnn plan``, which gives its own
+    verdict on the whole cohort) leaves out the warnings about values that do not look like HU: a cohort of
+    8-bit images would otherwise log one per image, at every load.
 
     The value checks read ``vol.array`` ``(X, Y, Z)`` in chunks of :data:`CHECK_CHUNK_BYTES` along ``X``, with no
     full-size temporary: the minimum and maximum (NaN propagates into both, and +-Inf shows in one) decide
@@ -49,7 +53,8 @@ def check_volume(vol: Volume, nan_policy: str = "refuse") -> None:
             c[~np.isfinite(c)] = fill
         vol.warnings.append(f"replaced {bad} NaN/Inf voxels with {fill:g}")
         lo, hi = _min_max(vol.array)
-    vol.warnings.extend(_hu_warnings(vol.array, lo, hi))
+    if expect_hu:
+        vol.warnings.extend(_hu_warnings(vol.array, lo, hi))
     for w in vol.warnings:
         logger.warning("%s: %s", vol.path, w)
 

@@ -26,14 +26,19 @@ class VolcnnReader(ImageReader):
     """Reads NIfTI files and DICOM series folders as float32 HU ``(X, Y, Z)`` with a RAS affine.
 
     :meth:`get_data` hands MONAI a C-contiguous float32 array, which ``LoadImage`` wraps as a tensor without
-    copying it.
+    copying it. ``expect_hu=False`` leaves out the warnings on values that do not look like HU
+    (:func:`~volcnn.io.checks.check_volume`).
     """
+
+    def __init__(self, expect_hu: bool = True) -> None:
+        super().__init__()
+        self.expect_hu = expect_hu
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         return all(is_volume_path(f) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Volume | list[Volume]:
-        vols = [load_volume(f) for f in ensure_tuple(data)]
+        vols = [load_volume(f, expect_hu=self.expect_hu) for f in ensure_tuple(data)]
         return vols if len(vols) > 1 else vols[0]
 
     def get_data(self, img: Volume | list[Volume]) -> tuple[np.ndarray, dict]:
@@ -77,11 +82,14 @@ class LoadVolumed(LoadImaged):
     loaded anyway by ``NibabelReader`` or ``ITKReader``. Passing the reader at call time makes MONAI use it alone,
     and its error (naming the file and the problem) reaches the user unchanged.
 
-    Output per key: a MetaTensor ``(X, Y, Z)`` float32 in HU with ``affine`` (voxel -> RAS mm).
+    Output per key: a MetaTensor ``(X, Y, Z)`` float32 in HU with ``affine`` (voxel -> RAS mm). ``expect_hu``:
+    as :class:`VolcnnReader`'s.
     """
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs: Any) -> None:
-        self.volume_reader = VolcnnReader()
+    def __init__(
+        self, keys: KeysCollection, allow_missing_keys: bool = False, expect_hu: bool = True, **kwargs: Any
+    ) -> None:
+        self.volume_reader = VolcnnReader(expect_hu)
         reader: Any = self.volume_reader  # MONAI's annotation says a class; an instance is what it registers
         super().__init__(keys, reader=reader, image_only=True, allow_missing_keys=allow_missing_keys, **kwargs)
 

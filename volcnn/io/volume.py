@@ -29,7 +29,7 @@ def is_volume_path(path: str | os.PathLike[str]) -> bool:
     return is_volume_file(path) or os.path.isdir(path)
 
 
-def load_volume(path: str | os.PathLike[str], nan_policy: str = "refuse") -> Volume:
+def load_volume(path: str | os.PathLike[str], nan_policy: str = "refuse", expect_hu: bool = True) -> Volume:
     """Read a NIfTI file, a MetaImage file or a DICOM series folder; see :class:`~volcnn.io.types.Volume`.
 
     Args:
@@ -37,6 +37,8 @@ def load_volume(path: str | os.PathLike[str], nan_policy: str = "refuse") -> Vol
         nan_policy: ``"refuse"`` (default): NaN/Inf voxels are an error; ``"replace"``: they are set to the
             minimum finite value of the volume (-1024 if there is none) and the count is recorded in
             ``Volume.warnings``.
+        expect_hu: warn (and record in ``Volume.warnings``) when the values do not look like CT in HU; False for a
+            model whose intensity setting is not ``hu`` (:func:`~volcnn.io.checks.check_volume`).
 
     Returns:
         The volume: float32 C-ordered ``(X, Y, Z)`` HU values with a float64 ``(4, 4)`` RAS affine.
@@ -59,5 +61,5 @@ def load_volume(path: str | os.PathLike[str], nan_policy: str = "refuse") -> Vol
         raise VolumeError(p, "not a NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha) file, or a DICOM series folder")
     if vol.array.ndim == 3:  # a DICOM series comes as a transposed (Z, Y, X) array; the other checks need 3D
         vol.array = xyz_float32(vol.array)
-    check_volume(vol, nan_policy)
+    check_volume(vol, nan_policy, expect_hu)
     return vol

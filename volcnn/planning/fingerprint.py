@@ -185,7 +185,7 @@ def fingerprint_dataset(
     for image in tqdm(chosen, desc="fingerprint", unit="image", disable=not progress):
         name = os.path.relpath(image, base)
         try:
-            vol = load_volume(image)
+            vol = load_volume(image, expect_hu=False)  # the fingerprint gives its own verdict on the cohort
         except (VolumeError, OSError) as e:
             failed.append({"image": name, "reason": str(getattr(e, "problem", e))})
             logger.warning("%s: not used for the plan (%s)", name, getattr(e, "problem", e))

@@ -43,11 +43,13 @@ def volume_transforms(
     affine) of MONAI's ``Spacingd(keys, pixdim, mode="bilinear", dtype=np.float32)``, with the same trilinear
     values and border padding, but slab by slab in float32 (a small fraction of ``Spacingd``'s memory and time).
 
+    The reader warns on values that do not look like HU only for ``intensity="hu"``.
+
     Output per key: a MetaTensor ``(1, X, Y, Z)`` in RAS order with its affine (voxel -> world RAS mm).
     """
     return Compose(
         [
-            LoadVolumed(keys),
+            LoadVolumed(keys, expect_hu=intensity == "hu"),
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
             Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             ResampleToSpacingd(keys, pixdim=tuple(float(p) for p in pixdim)),
