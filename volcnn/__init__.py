@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 #: the subpackages, lowest layer first
 SUBPACKAGES = (

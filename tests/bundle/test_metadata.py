@@ -40,11 +40,11 @@ def test_candidate_metadata_is_valid_and_describes_the_model():
     assert fmt["inputs"]["image"]["spatial_shape"] == [16, 16, 16] and fmt["inputs"]["image"]["is_patch_data"]
     assert fmt["outputs"]["pred"]["channel_def"] == {"0": "benign", "1": "malignant"}
     assert meta["pred_classes"].endswith("channel 0 = benign, channel 1 = malignant")
-    assert meta["version"] == "0.6.0+0123456789ab"
-    line = meta["changelog"]["0.6.0+0123456789ab"]
+    assert meta["version"] == "0.7.0+0123456789ab"
+    line = meta["changelog"]["0.7.0+0123456789ab"]
     assert "volcnn 9.9.9" in line and "network_def seed_cnn3d" in line and "patch_size [16, 16, 16]" in line
     assert meta["changelog"]["0.3.0"] == META["changelog"]["0.3.0"]  # the releases' lines are kept
-    assert META["version"] == "0.6.0" and "is_patch_data" in META["network_data_format"]["inputs"]["image"]
+    assert META["version"] == "0.7.0" and "is_patch_data" in META["network_data_format"]["inputs"]["image"]
 
 
 def test_volume_metadata_with_three_classes():

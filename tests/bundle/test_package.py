@@ -102,7 +102,7 @@ def test_packaged_bundle_holds_the_run_settings(packaged, run):
     assert image["spatial_shape"] == [16, 16, 16] and image["num_channels"] == 1
     assert pred["num_channels"] == 2 and pred["channel_def"] == {"0": "non-nodule", "1": "nodule"}
     weights_sha = _sha256(run / "models" / "model.pt")
-    assert meta["version"] == f"0.6.0+{weights_sha[:12]}" and "seed_cnn3d" in meta["changelog"][meta["version"]]
+    assert meta["version"] == f"0.7.0+{weights_sha[:12]}" and "seed_cnn3d" in meta["changelog"][meta["version"]]
     assert _sha256(packaged / "models" / "model.pt") == weights_sha
     assert (packaged / "models" / "model.ts").is_file()
     # the evaluate overlay fitted a calibration on the validation patients: the bundle carries exactly that one

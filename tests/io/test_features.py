@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from volcnn.io.features import (
+    COVARIANCE_SHRINKAGE,
     FeatureError,
     attach_features,
     feature_matrix,
@@ -186,6 +187,18 @@ def test_fit_feature_stats_constant_numeric_has_unit_std() -> None:
     spec = parse_feature_spec({"age": {"type": "numeric"}})
     stats = fit_feature_stats(spec, np.array([[5.0], [5.0], [np.nan]]))
     assert stats == {"mean": [5.0], "std": [1.0], "precision": [[1.0]]}  # no variance: unit, uncorrelated
+
+
+def test_fit_feature_stats_precision_is_the_inverse_of_the_shrunk_pairwise_covariance() -> None:
+    spec = parse_feature_spec({"a": {"type": "numeric"}, "b": {"type": "numeric"}, "c": {"type": "numeric"}})
+    rng = np.random.default_rng(0)
+    cov = np.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    scale = np.diag([2.0, 1.0, 1.0])  # standardised away
+    raw = rng.multivariate_normal([5.0, -2.0, 0.0], scale @ cov @ scale, 20000)
+    raw[rng.random(raw.shape) < 0.2] = np.nan  # pairs are estimated where both are present
+    got = np.linalg.inv(np.array(fit_feature_stats(spec, raw)["precision"]))  # the covariance of (x - mean) / std
+    shrunk = (1 - COVARIANCE_SHRINKAGE) * cov + COVARIANCE_SHRINKAGE * np.eye(3)
+    np.testing.assert_allclose(got, shrunk, atol=0.03)
 
 
 def test_fit_feature_stats_refuses_a_feature_without_value() -> None:

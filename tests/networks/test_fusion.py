@@ -46,6 +46,53 @@ def test_normalizer_refuses_bad_statistics_and_shapes():
         FeatureNormalizer(DECL, STATS)(torch.zeros(2, 4))
 
 
+def _precision(cov: list[list[float]]) -> list[list[float]]:
+    return torch.linalg.inv(torch.tensor(cov, dtype=torch.float64)).tolist()
+
+
+def test_normalizer_imputes_a_missing_value_from_the_correlated_present_ones():
+    decl = {"a": {"type": "numeric"}, "b": {"type": "numeric"}, "c": {"type": "binary"}}
+    cov = [[1.0, 0.8, 0.0], [0.8, 1.0, 0.0], [0.0, 0.0, 0.25]]  # a, b correlated; c independent
+    norm = FeatureNormalizer(decl, {"mean": [10.0, 0.0, 0.5], "std": [2.0, 1.0, 1.0], "precision": _precision(cov)})
+    out = norm(torch.tensor([[NAN, 1.0, 1.0], [12.0, NAN, NAN], [NAN, NAN, 0.0]]))
+    # b one std above its mean -> a expected 0.8 std above; a at +1 std -> b at 0.8; c learns nothing from a or b
+    torch.testing.assert_close(out[:, :3], torch.tensor([[0.8, 1.0, 0.5], [1.0, 0.8, 0.0], [0.0, 0.0, -0.5]]))
+    torch.testing.assert_close(out[:, 3:], torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 1, 0]]))  # still flagged
+
+
+def test_normalizer_conditional_means_equal_the_closed_form_for_any_pattern():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    cov = w @ w.T + 0.5 * torch.eye(5, dtype=torch.float64)
+    norm = FeatureNormalizer(DECL, {**STATS, "precision": torch.linalg.inv(cov).tolist()})
+    z = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    hidden = torch.rand(64, 5, generator=gen) < 0.4
+    hidden[:, 2] = hidden[:, 1]  # a categorical's columns are missing together
+    raw = torch.where(hidden, torch.nan, z * torch.tensor(STATS["std"]) + torch.tensor(STATS["mean"]))
+    got = norm(raw.float())[:, :5].double()
+    for i in range(64):
+        h, o = hidden[i], ~hidden[i]
+        want = z[i].clone()
+        want[h] = cov[h][:, o] @ torch.linalg.solve(cov[o][:, o], z[i, o]) if o.any() else 0.0
+        torch.testing.assert_close(got[i], want, atol=2e-4, rtol=1e-4)
+
+
+def test_normalizer_without_precision_imputes_training_means_and_loads_old_checkpoints():
+    correlated = {**STATS, "precision": _precision([[1.0 if i == j else 0.5 for j in range(5)] for i in range(5)])}
+    raw = torch.tensor([[NAN, 1.0, 0.0, 1.0, 1.0]])
+    assert FeatureNormalizer(DECL, correlated)(raw)[0, 0] != 0  # imputed from the others
+    assert FeatureNormalizer(DECL, STATS)(raw)[0, 0] == 0  # no precision: the training mean
+    old = FeatureNormalizer(DECL, STATS).state_dict()
+    del old["precision"]  # a checkpoint of volcnn 0.6
+    norm = FeatureNormalizer(DECL, correlated)
+    norm.load_state_dict(old)
+    assert torch.equal(norm.precision, torch.eye(5)) and norm(raw)[0, 0] == 0
+    with pytest.raises(ValueError, match=r"\(5, 5\)"):
+        FeatureNormalizer(DECL, {**STATS, "precision": [[1.0]]})
+    with pytest.raises(ValueError, match="positive diagonal"):
+        FeatureNormalizer(DECL, {**STATS, "precision": torch.zeros(5, 5).tolist()})
+
+
 @pytest.mark.parametrize(("network_def", "size"), [("seed_cnn3d", 16), ("valid_cnn3d", 32), ("resnet18", 16),
                                                    ("densenet121", 32)])  # fmt: skip
 @pytest.mark.parametrize("fusion", ["concat", "film"])

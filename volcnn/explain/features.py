@@ -7,7 +7,8 @@ same for the clinical MLP, late (``concat``) and FiLM fusion, and ensembles of t
 **Occlusion of one feature** (:func:`occlusion_attributions`) is the "leave-one-covariate-out" (LOCO) idea of Lei et
 al., *Distribution-free predictive inference for regression* (JASA 2018), applied to one prediction: the attribution
 of feature ``f`` is ``p(all values) - p(f missing)``. Setting a value *missing* (NaN) is what the network already
-handles: it imputes the training mean and raises the feature's missingness indicator
+handles: it imputes the value from the case's other values (its conditional mean under the training covariance; the
+training mean where nothing correlates) and raises the feature's missingness indicator
 (:class:`~volcnn.networks.tabular.FeatureNormalizer`), so no retraining and no choice of baseline are needed, and the
 number has an exact meaning: *how far knowing this value moved the probability away from what the model says when
 the value is unknown*. It costs ``F + 1`` forward passes, batched into one call. The attributions need not sum to
@@ -95,8 +96,9 @@ def occlusion_attributions(
 
     Returns:
         ``{name: p(all values) - p(name set missing)}`` for every declared feature, in declaration order; positive:
-        the value raised the probability above what the training-mean imputation gives. A feature already missing
-        gets 0.0 (the case's ``features`` record in ``findings.json`` lists it under ``missing``).
+        the value raised the probability above what the network gives with it imputed from the other values. A
+        feature already missing gets 0.0 (the case's ``features`` record in ``findings.json`` lists it under
+        ``missing``).
 
     Raises:
         ValueError: ``raw`` is not ``(C,)``, or ``predict`` does not give one finite value per row.

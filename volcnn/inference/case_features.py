@@ -51,9 +51,9 @@ class CaseFeatures(nn.Module):
 
 def features_record(spec: FeatureSpec, values: Mapping[str, Any] | None, csv_given: bool) -> dict[str, Any]:
     """What ``findings.json`` says about the features a case ran with: the names ``provided`` and ``missing`` (the
-    network imputes those with the training means), a ``note`` when the case had no row, and the sha256 of the
-    raw encoding (a re-run with other values is not skipped as done). The values themselves are not copied into
-    the outputs."""
+    network imputes those from the provided ones, with what it learnt on the training split), a ``note`` when the
+    case had no row, and the sha256 of the raw encoding (a re-run with other values is not skipped as done). The
+    values themselves are not copied into the outputs."""
     where = "features"
     raw = spec.encode(values, where)
     missing = spec.missing(values)
