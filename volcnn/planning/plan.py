@@ -174,7 +174,7 @@ def plan_settings(fingerprint: Mapping[str, Any], device: str = "cuda") -> tuple
         margin, why_margin = int(math.ceil(max(patch) / 6)), "a sixth of the patch side: context for rotation/scale"
     else:
         network, why_network = "resnet10", "whole volumes: a residual network with padding"
-        margin, why_margin = 8, "volume mode: the fitted volume needs no context"
+        margin, why_margin = 8, "volume mode: the fitted volume padded so that rotations and shifts keep it whole"
     voxels = math.prod(patch)
     batch = min(64, max(2, _pow2_floor(_BATCH_VOXELS[device] / voxels)))
     settings = {
