@@ -58,6 +58,11 @@ def test_statistics_come_from_the_training_split_only(cohort, tmp_path):
     expected = fit_feature_stats(DECL, feature_matrix(train))
     assert torch.allclose(net.tabular.normalize.mean, torch.tensor(expected["mean"]))
     assert torch.allclose(net.tabular.normalize.std, torch.tensor(expected["std"]))
+    precision = net.tabular.normalize.precision
+    assert torch.allclose(precision, torch.tensor(expected["precision"], dtype=torch.float32), atol=1e-5)
+    everything = attach_features(data["training"] + data["validation"] + data["test"], DECL)
+    pooled = torch.tensor(fit_feature_stats(DECL, feature_matrix(everything))["precision"], dtype=torch.float32)
+    assert not torch.allclose(precision, pooled, atol=1e-3)  # the correlations too are the training split's
     ages = [e["features"]["age"] for e in data["training"]]
     assert net.tabular.normalize.mean[0].item() == pytest.approx(np.mean(ages), rel=1e-6)
     assert net.tabular.normalize.mean[0].item() < 100  # the validation / test ages were not pooled in
