@@ -297,7 +297,7 @@ def test_loss_and_patch_extraction():
     assert loss_from_output([{"pred": 1}]) is None
     assert loss_from_output(None) is None
 
-    image = torch.zeros(1, 4, 6, 8)
+    image = torch.arange(4 * 6 * 8, dtype=torch.float32).reshape(1, 4, 6, 8)
     onehot = patch_view({"image": image, "label": torch.tensor([0.0, 1.0]), "pred": torch.tensor([0.27, 0.73])})
     assert onehot is not None and onehot.title() == "label=1  p=0.73"
     assert [s.shape for s in onehot.slices] == [(6, 8), (4, 8), (4, 6)]
@@ -306,6 +306,7 @@ def test_loss_and_patch_extraction():
     multi = patch_view({"image": image[0], "label": 2, "pred": torch.tensor([0.1, 0.7, 0.2])})
     assert multi is not None and multi.title() == "label=2  p=0.70 (class 1)"
     assert patch_view({"pred": torch.tensor([0.5, 0.5])}) is None
+    assert patch_view({"image": torch.zeros(1, 4, 6, 8), "label": 1}) is None  # constant: nothing to show
 
 
 def test_progress_bar(monkeypatch: pytest.MonkeyPatch):

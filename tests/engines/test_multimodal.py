@@ -3,6 +3,7 @@ training split only, bit-exact resume for every modality, evaluation with featur
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -102,6 +103,30 @@ def test_clinical_model_learns_from_features(cohort, tmp_path):
     wf.run()
     auc = wf.parser.get_parsed_content("validate#evaluator").state.metrics["val_auc"]
     assert auc > 0.9
+
+
+def test_clinical_model_opens_no_image(cohort, tmp_path, monkeypatch):
+    """A clinical-only model does not look at the CT, so its runs read none (a zero placeholder stands in)."""
+    import volcnn.io.reader as reader
+
+    opened: list[str] = []
+    load = reader.load_volume
+
+    def recording(path, *args, **kwargs):
+        opened.append(str(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "load_volume", recording)
+    rows = {}
+    for modality in ("clinical", "fusion"):
+        opened.clear()
+        out = tmp_path / modality
+        _workflow(cohort, out, modality=modality, max_epochs=1).run()
+        _workflow(cohort, out, run_id="evaluating", modality=modality, n_boot=20).run()
+        assert (opened == []) == (modality == "clinical"), (modality, opened[:3])
+        with open(out / "predictions.csv", newline="") as fh:
+            rows[modality] = [{k: r[k] for k in ("case", "image", "center_x", "label")} for r in csv.DictReader(fh)]
+    assert rows["clinical"] == rows["fusion"] and rows["clinical"][0]["image"].endswith(".nii.gz")  # comparable
 
 
 def test_bad_feature_value_is_refused_naming_entry_and_feature(cohort, tmp_path):

@@ -12,7 +12,7 @@ from monai.transforms import Compose
 
 from tests.conftest import blob_volume, make_affine
 from volcnn.io import load_volume, write_nifti
-from volcnn.transforms import evaluation_transforms, preprocess_loaded, volume_transforms
+from volcnn.transforms import deterministic_transforms, evaluation_transforms, preprocess_loaded, volume_transforms
 from volcnn.transforms.crop import CropOrFitd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,3 +69,22 @@ def test_preprocess_loaded_runs_a_dataset_chain_on_a_loaded_volume(scan):
 def test_preprocess_loaded_refuses_other_chains(scan):
     with pytest.raises(TypeError, match="LoadVolumed or PreprocessVolumed, got CropOrFitd"):
         preprocess_loaded(Compose([CropOrFitd("image", patch_size=(8, 8, 8))]), load_volume(scan))
+
+
+def test_without_reading_the_image_a_zero_placeholder_of_the_patch_shape_stands_in():
+    import torch
+
+    from volcnn.transforms import PlaceholderImaged
+
+    chain = deterministic_transforms(patch_size=(16, 12, 8), margin=2, read_image=False)
+    a = chain({"image": "/no/such/file.nii.gz", "label": 1, "center": [1.0, -2.0, 3.5]})  # nothing is opened
+    b = chain({"image": "/no/such/other.nii.gz", "label": 0})
+    assert a["image"].shape == b["image"].shape == (1, 20, 16, 12) and not a["image"].any()
+    assert a["image"].untyped_storage().nbytes() == 4  # one broadcast zero: a cached sample costs nothing
+    assert a["image"].meta["filename_or_obj"] == "/no/such/file.nii.gz"  # predictions name the image as for a CT
+    assert a["center"].dtype == torch.float32 and a["center"].tolist() == [1.0, -2.0, 3.5]
+    assert torch.isnan(b["center"]).all() and a["label"] == 1
+    batch = torch.stack([a["image"], b["image"]])  # batches are real tensors of the usual shape
+    assert batch.shape == (2, 1, 20, 16, 12) and batch.is_contiguous()
+    with pytest.raises(ValueError, match="three positive sizes"):
+        PlaceholderImaged("image", (16, 16))

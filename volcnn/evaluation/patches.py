@@ -48,11 +48,16 @@ def patch_view(sample: Mapping[str, Any]) -> PatchView | None:
     ``sample["pred"]`` is taken as class probabilities ``(K,)`` (the bundles apply softmax in postprocessing): the
     probability shown is that of class 1 for ``K == 2``, of the only output for ``K == 1`` and of the predicted class
     for ``K > 2``. ``sample["label"]`` may be one-hot ``(K,)`` or a scalar / one-element tensor.
+
+    None when there is no image, or nothing to show: a constant patch (as the zero placeholder that a clinical-only
+    model gets instead of the CT, :class:`~volcnn.transforms.placeholder.PlaceholderImaged`).
     """
     image = _to_tensor(sample.get("image"))
     if image is None or image.ndim not in (3, 4):
         return None
     vol = image[0] if image.ndim == 4 else image
+    if vol.numel() == 0 or bool(vol.max() == vol.min()):
+        return None
     d, h, w = (int(s) for s in vol.shape)
     slices = tuple(s.float().cpu().numpy() for s in (vol[d // 2], vol[:, h // 2], vol[:, :, w // 2]))
 

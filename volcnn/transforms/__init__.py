@@ -14,6 +14,7 @@ from volcnn.transforms.chains import (
 from volcnn.transforms.crop import CropOrFitd, FitVolume, WorldPatchCrop
 from volcnn.transforms.feature_dropout import FeatureDropout
 from volcnn.transforms.intensity import INTENSITY_MODES, HUWindow, HUWindowd, check_intensity, intensity_transform
+from volcnn.transforms.placeholder import PlaceholderImaged
 from volcnn.transforms.resample import ResampleToSpacing, ResampleToSpacingd, resample_linear, resample_to_grid
 from volcnn.transforms.volume_cache import PreprocessVolumed, preprocess_loaded, preprocess_volume, volume_transforms
 
@@ -26,6 +27,7 @@ __all__ = [
     "FitVolume",
     "HUWindow",
     "HUWindowd",
+    "PlaceholderImaged",
     "PreprocessVolumed",
     "ResampleToSpacing",
     "ResampleToSpacingd",

@@ -29,6 +29,7 @@ from monai.transforms import (
 )
 
 from volcnn.transforms.crop import CropOrFitd
+from volcnn.transforms.placeholder import PlaceholderImaged
 from volcnn.transforms.volume_cache import PreprocessVolumed
 
 __all__ = ["deterministic_transforms", "augmentation_transforms", "evaluation_transforms", "validation_transforms"]
@@ -42,17 +43,23 @@ def deterministic_transforms(
     cache_size: int = 2,
     image_key: str = "image",
     intensity: str = "hu",
+    read_image: bool = True,
 ) -> Compose:
     """Everything before the first random transform; the output is what CacheDataset keeps.
 
     ``intensity`` is the intensity setting (:func:`~volcnn.transforms.intensity.intensity_transform`; ``hu``: the
-    ``hu_window`` to [0, 1]).
+    ``hu_window`` to [0, 1]). ``read_image=False`` (a clinical-only model, which does not look at the image) puts a
+    zero placeholder of the same shape in its place (:class:`~volcnn.transforms.placeholder.PlaceholderImaged`)
+    and opens no image file.
 
     Returns:
         A Compose mapping ``{"image": path, "label": int, ["center": [x, y, z]]}`` to ``image``
         ``(1, *(patch_size + 2 * margin))`` float32 (in [0, 1] for ``hu`` and ``percentile``) with an exact RAS
         affine, ``center`` ``(3,)``.
     """
+    if not read_image:
+        shape = [int(p) + 2 * int(margin) for p in patch_size]
+        return Compose([PlaceholderImaged(image_key, shape)])
     return Compose(
         [
             PreprocessVolumed(
