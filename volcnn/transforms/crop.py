@@ -19,7 +19,7 @@ from monai.transforms import MapTransform, Transform
 
 from volcnn.core.geometry import as_affine, scale_affine, translate, world_to_voxel
 
-__all__ = ["WorldPatchCrop", "FitVolume", "CropOrFitd"]
+__all__ = ["WorldPatchCrop", "FitVolume", "CropOrFitd", "center_tensor"]
 
 
 def _with_affine(data: torch.Tensor, like: torch.Tensor, affine: np.ndarray) -> MetaTensor:
@@ -131,6 +131,12 @@ class CropOrFitd(MapTransform):
         has_center = center is not None and not bool(torch.isnan(torch.as_tensor(center, dtype=torch.float64)).any())
         for key in self.key_iterator(d):
             d[key] = self.crop(d[key], center) if has_center else self.fit(d[key])  # type: ignore[arg-type]
-        nan = torch.full((3,), float("nan"))
-        d[self.center_key] = torch.as_tensor(center, dtype=torch.float32) if has_center else nan
+        d[self.center_key] = center_tensor(center if has_center else None)
         return d
+
+
+def center_tensor(center: object) -> torch.Tensor:
+    """A sample's candidate centre as float32 ``(3,)``, NaN without one (volume mode), so that batches collate."""
+    if center is None:
+        return torch.full((3,), float("nan"))
+    return torch.as_tensor(center, dtype=torch.float32)
